@@ -1,0 +1,286 @@
+"""The EDM2 network (config G): magnitude-preserving U-Net blocks, the U-Net, and EDM preconditioning.
+
+Module and parameter names follow the official implementation, so an official state dict loads with
+`strict=True`. Section numbers refer to the EDM2 paper (Karras et al., CVPR 2024).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from edm2.layers import MPConv, MPFourier, compute_dtype, mp_cat, mp_silu, mp_sum, normalize, resample
+
+__all__ = [
+    "Block", "UNet", "Precond",
+    "normalize", "resample", "mp_silu", "mp_sum", "mp_cat", "MPFourier", "MPConv",
+]
+
+
+class Block(torch.nn.Module):
+    """U-Net block (EDM2 Figure 21): resample, residual branch with embedding gain, optional attention."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_channels: int,
+        flavor: str = "enc",
+        resample_mode: str = "keep",
+        resample_filter: Sequence[float] = (1, 1),
+        attention: bool = False,
+        channels_per_head: int = 64,
+        dropout: float = 0.0,
+        res_balance: float = 0.3,
+        attn_balance: float = 0.3,
+        clip_act: float | None = 256,
+    ) -> None:
+        super().__init__()
+        if flavor not in ("enc", "dec"):
+            raise ValueError(f"Block flavor must be 'enc' or 'dec', got {flavor!r}")
+        self.out_channels = out_channels
+        self.flavor = flavor
+        self.resample_filter = list(resample_filter)
+        self.resample_mode = resample_mode
+        self.num_heads = out_channels // channels_per_head if attention else 0
+        self.dropout = dropout
+        self.res_balance = res_balance
+        self.attn_balance = attn_balance
+        self.clip_act = clip_act
+        self.emb_gain = torch.nn.Parameter(torch.zeros([]))
+        self.conv_res0 = MPConv(out_channels if flavor == "enc" else in_channels, out_channels, kernel=[3, 3])
+        self.emb_linear = MPConv(emb_channels, out_channels, kernel=[])
+        self.conv_res1 = MPConv(out_channels, out_channels, kernel=[3, 3])
+        self.conv_skip = MPConv(in_channels, out_channels, kernel=[1, 1]) if in_channels != out_channels else None
+        self.attn_qkv = MPConv(out_channels, out_channels * 3, kernel=[1, 1]) if self.num_heads else None
+        self.attn_proj = MPConv(out_channels, out_channels, kernel=[1, 1]) if self.num_heads else None
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        # Main branch: resampling on the main path, then pixel norm in the encoder (config F).
+        x = resample(x, f=self.resample_filter, mode=self.resample_mode)
+        if self.flavor == "enc":
+            if self.conv_skip is not None:
+                x = self.conv_skip(x)
+            x = normalize(x, dim=1)
+
+        # Residual branch, modulated by the embedding: c = gain * linear(emb) + 1.
+        y = self.conv_res0(mp_silu(x))
+        c = self.emb_linear(emb, gain=self.emb_gain) + 1
+        y = mp_silu(y * c[:, :, None, None].to(y.dtype))
+        if self.training and self.dropout != 0:
+            y = torch.nn.functional.dropout(y, p=self.dropout)
+        y = self.conv_res1(y)
+
+        if self.flavor == "dec" and self.conv_skip is not None:
+            x = self.conv_skip(x)
+        x = mp_sum(x, y, t=self.res_balance)
+
+        if self.num_heads:
+            x = mp_sum(x, self.attention(x), t=self.attn_balance)
+
+        if self.clip_act is not None:
+            x = x.clip_(-self.clip_act, self.clip_act)
+        return x
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Cosine self-attention: q, k, v pixel-normalized per head; qkv laid out [head][channel][q,k,v]."""
+        y = self.attn_qkv(x)
+        y = y.reshape(y.shape[0], self.num_heads, -1, 3, y.shape[2] * y.shape[3])
+        q, k, v = normalize(y, dim=2).unbind(3)
+        w = torch.einsum("nhcq,nhck->nhqk", q, k / np.sqrt(q.shape[2])).softmax(dim=3)
+        y = torch.einsum("nhqk,nhck->nhcq", w, v)
+        return self.attn_proj(y.reshape(*x.shape))
+
+
+class UNet(torch.nn.Module):
+    """The magnitude-preserving U-Net F of EDM2 (config G), EDM2 Figure 21."""
+
+    def __init__(
+        self,
+        img_resolution: int,
+        img_channels: int,
+        label_dim: int,
+        model_channels: int = 192,
+        channel_mult: Sequence[int] = (1, 2, 3, 4),
+        channel_mult_noise: int | None = None,
+        channel_mult_emb: int | None = None,
+        num_blocks: int = 3,
+        attn_resolutions: Sequence[int] = (16, 8),
+        label_balance: float = 0.5,
+        concat_balance: float = 0.5,
+        resample_filter: Sequence[float] = (1, 1),
+        channels_per_head: int = 64,
+        dropout: float = 0.0,
+        res_balance: float = 0.3,
+        attn_balance: float = 0.3,
+        clip_act: float | None = 256,
+    ) -> None:
+        super().__init__()
+        cblock = [model_channels * m for m in channel_mult]
+        cnoise = model_channels * channel_mult_noise if channel_mult_noise is not None else cblock[0]
+        cemb = model_channels * channel_mult_emb if channel_mult_emb is not None else max(cblock)
+        self.label_balance = label_balance
+        self.concat_balance = concat_balance
+        self.out_gain = torch.nn.Parameter(torch.zeros([]))
+
+        def block(cin: int, cout: int, **kwargs) -> Block:
+            return Block(cin, cout, cemb, resample_filter=resample_filter, channels_per_head=channels_per_head,
+                         dropout=dropout, res_balance=res_balance, attn_balance=attn_balance,
+                         clip_act=clip_act, **kwargs)
+
+        # Embedding: Fourier features of c_noise, plus the class label.
+        self.emb_fourier = MPFourier(cnoise)
+        self.emb_noise = MPConv(cnoise, cemb, kernel=[])
+        self.emb_label = MPConv(label_dim, cemb, kernel=[]) if label_dim != 0 else None
+
+        # Encoder; the input gets an extra constant-one channel.
+        self.enc = torch.nn.ModuleDict()
+        cout = img_channels + 1
+        for level, channels in enumerate(cblock):
+            res = img_resolution >> level
+            if level == 0:
+                cin, cout = cout, channels
+                self.enc[f"{res}x{res}_conv"] = MPConv(cin, cout, kernel=[3, 3])
+            else:
+                self.enc[f"{res}x{res}_down"] = block(cout, cout, flavor="enc", resample_mode="down")
+            for idx in range(num_blocks):
+                cin, cout = cout, channels
+                self.enc[f"{res}x{res}_block{idx}"] = block(cin, cout, flavor="enc",
+                                                            attention=res in attn_resolutions)
+
+        # Decoder; each block takes a skip connection from the encoder.
+        self.dec = torch.nn.ModuleDict()
+        skips = [m.out_channels for m in self.enc.values()]
+        for level, channels in reversed(list(enumerate(cblock))):
+            res = img_resolution >> level
+            if level == len(cblock) - 1:
+                self.dec[f"{res}x{res}_in0"] = block(cout, cout, flavor="dec", attention=True)
+                self.dec[f"{res}x{res}_in1"] = block(cout, cout, flavor="dec")
+            else:
+                self.dec[f"{res}x{res}_up"] = block(cout, cout, flavor="dec", resample_mode="up")
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), channels
+                self.dec[f"{res}x{res}_block{idx}"] = block(cin, cout, flavor="dec",
+                                                            attention=res in attn_resolutions)
+        self.out_conv = MPConv(cout, img_channels, kernel=[3, 3])
+
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        emb = self.emb_noise(self.emb_fourier(noise_labels))
+        if self.emb_label is not None:
+            label = class_labels * np.sqrt(class_labels.shape[1])
+            emb = mp_sum(emb, self.emb_label(label), t=self.label_balance)
+        emb = mp_silu(emb)
+
+        x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        skips = []
+        for name, module in self.enc.items():
+            x = module(x) if "conv" in name else module(x, emb)
+            skips.append(x)
+
+        for name, module in self.dec.items():
+            if "block" in name:
+                x = mp_cat(x, skips.pop(), t=self.concat_balance)
+            x = module(x, emb)
+        return self.out_conv(x, gain=self.out_gain)
+
+
+class Precond(torch.nn.Module):
+    """EDM preconditioning around the U-Net, D(x; sigma) = c_skip x + c_out F(c_in x; c_noise), plus
+    the uncertainty head u(sigma) of the EDM2 loss (Section 2 / Eq. 21)."""
+
+    def __init__(
+        self,
+        img_resolution: int,
+        img_channels: int,
+        label_dim: int,
+        model_channels: int = 192,
+        channel_mult: Sequence[int] = (1, 2, 3, 4),
+        channel_mult_noise: int | None = None,
+        channel_mult_emb: int | None = None,
+        num_blocks: int = 3,
+        attn_resolutions: Sequence[int] = (16, 8),
+        label_balance: float = 0.5,
+        concat_balance: float = 0.5,
+        resample_filter: Sequence[float] = (1, 1),
+        channels_per_head: int = 64,
+        dropout: float = 0.0,
+        res_balance: float = 0.3,
+        attn_balance: float = 0.3,
+        clip_act: float | None = 256,
+        use_fp16: bool = True,
+        sigma_data: float = 0.5,
+        logvar_channels: int = 128,
+    ) -> None:
+        super().__init__()
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.label_dim = label_dim
+        self.use_fp16 = use_fp16
+        self.sigma_data = sigma_data
+        self.unet = UNet(
+            img_resolution, img_channels, label_dim, model_channels=model_channels, channel_mult=channel_mult,
+            channel_mult_noise=channel_mult_noise, channel_mult_emb=channel_mult_emb, num_blocks=num_blocks,
+            attn_resolutions=attn_resolutions, label_balance=label_balance, concat_balance=concat_balance,
+            resample_filter=resample_filter, channels_per_head=channels_per_head, dropout=dropout,
+            res_balance=res_balance, attn_balance=attn_balance, clip_act=clip_act,
+        )
+        self.logvar_fourier = MPFourier(logvar_channels)
+        self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor | float,
+        class_labels: torch.Tensor | None = None,
+        force_fp32: bool = False,
+        return_logvar: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Denoise `x` [N, C, H, W] at noise level `sigma` (scalar, [N] or [N,1,1,1]).
+
+        `class_labels` is one-hot [N, label_dim] (None gives the all-zero label). With `return_logvar`,
+        also returns the uncertainty u(sigma) as [N or 1, 1, 1, 1].
+        """
+        dtype = compute_dtype(x.dtype)
+        sigma = torch.as_tensor(sigma, device=x.device)
+        self._check_inputs(x, sigma, class_labels)
+        x = x.to(dtype)
+        sigma = sigma.to(dtype).reshape(-1, 1, 1, 1)
+        if self.label_dim == 0:
+            class_labels = None
+        elif class_labels is None:
+            class_labels = torch.zeros([1, self.label_dim], device=x.device, dtype=dtype)
+        else:
+            class_labels = class_labels.to(dtype).reshape(-1, self.label_dim)
+        use_half = self.use_fp16 and not force_fp32 and x.device.type == "cuda" and dtype == torch.float32
+        net_dtype = torch.float16 if use_half else dtype
+
+        # Preconditioning (EDM Table 1).
+        c_skip = self.sigma_data**2 / (sigma**2 + self.sigma_data**2)
+        c_out = sigma * self.sigma_data / (sigma**2 + self.sigma_data**2).sqrt()
+        c_in = 1 / (self.sigma_data**2 + sigma**2).sqrt()
+        c_noise = sigma.flatten().log() / 4
+
+        F_x = self.unet((c_in * x).to(net_dtype), c_noise, class_labels)
+        D_x = c_skip * x + c_out * F_x.to(dtype)
+        if return_logvar:
+            logvar = self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
+            return D_x, logvar
+        return D_x
+
+    def _check_inputs(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None) -> None:
+        shape = (self.img_channels, self.img_resolution, self.img_resolution)
+        if x.ndim != 4 or tuple(x.shape[1:]) != shape:
+            raise ValueError(f"x has shape {list(x.shape)}; this network expects [N, {', '.join(map(str, shape))}]")
+        if sigma.numel() not in (1, x.shape[0]):
+            raise ValueError(f"sigma has {sigma.numel()} elements; pass one per image ({x.shape[0]}) or a scalar")
+        if sigma.device.type != "meta" and not torch.compiler.is_compiling() and not bool((sigma > 0).all()):
+            raise ValueError("sigma must be positive (the network is conditioned on log(sigma))")
+        if class_labels is None or self.label_dim == 0:
+            return  # an unconditional network ignores labels, so it can serve as a guide
+        if class_labels.ndim != 2 or class_labels.shape[1] != self.label_dim:
+            raise ValueError(f"class_labels has shape {list(class_labels.shape)}; expected one-hot "
+                             f"[N, {self.label_dim}]")
+        if class_labels.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"class_labels has {class_labels.shape[0]} rows for {x.shape[0]} images")
