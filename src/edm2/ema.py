@@ -68,7 +68,8 @@ def power_function_correlation(a_ofs: ArrayLike, a_std: ArrayLike, b_ofs: ArrayL
     return num / ((a_exp + b_exp + 1) * np.maximum(a_ofs, b_ofs))
 
 
-def solve_posthoc_coefficients(in_ofs: ArrayLike, in_std: ArrayLike, out_ofs: ArrayLike, out_std: ArrayLike) -> np.ndarray:
+def solve_posthoc_coefficients(in_ofs: ArrayLike, in_std: ArrayLike, out_ofs: ArrayLike,
+                               out_std: ArrayLike) -> np.ndarray:
     """Least-squares weights X [num_in, num_out] that combine the stored profiles (in_ofs, in_std) into
     the requested ones (out_ofs, out_std). Columns are not normalized; divide by their sum to use them."""
     in_ofs, in_std = np.broadcast_arrays(np.float64(in_ofs), np.float64(in_std))

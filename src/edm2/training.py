@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
+import signal
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["learning_rate_schedule", "make_adam", "sanitize_gradients", "ADAM_BETAS", "ADAM_EPS"]
+__all__ = ["learning_rate_schedule", "make_adam", "sanitize_gradients", "ADAM_BETAS", "ADAM_EPS",
+           "TrainOptions", "RunConfig", "resolve_run", "train", "find_checkpoints", "snapshot_name"]
 
 ADAM_BETAS = (0.9, 0.99)
 ADAM_EPS = 1e-8
@@ -37,3 +45,332 @@ def sanitize_gradients(params: Iterable[torch.nn.Parameter]) -> None:
     grads = [p.grad for p in params if p.grad is not None]
     for g in grads:
         torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training loop.
+
+
+@dataclass
+class TrainOptions:
+    """What the user asks for; None means 'take it from the preset'. Image counts are in images."""
+
+    outdir: str
+    data: str = "digits"
+    preset: str = "cpu-digits8"
+    cond: bool = True
+    duration: int | None = None
+    batch: int | None = None
+    batch_gpu: int | None = None  # micro-batch per process; gradient accumulation when smaller
+    lr: float | None = None
+    decay: float | None = None
+    dropout: float | None = None
+    P_mean: float | None = None
+    P_std: float | None = None
+    status: int | None = None
+    snapshot: int | None = None
+    checkpoint: int | None = None
+    ema_stds: tuple[float, ...] | None = None
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The fully resolved run, written to training_options.json; a resumed run must match it."""
+
+    data: str
+    dataset: dict
+    preset: str
+    network: dict
+    batch: int
+    batch_gpu: int
+    lr: float
+    decay: float
+    rampup_Mimg: float
+    P_mean: float
+    P_std: float
+    ema_stds: tuple[float, ...]
+    seed: int
+    duration: int
+    status: int
+    snapshot: int
+    checkpoint: int
+
+    # Fields that may change between a run and its resumption.
+    MUTABLE = ("duration", "status", "snapshot", "checkpoint", "batch_gpu")
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def identity(self) -> dict:
+        return {k: v for k, v in self.to_dict().items() if k not in self.MUTABLE}
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def resolve_run(opts: TrainOptions, dataset) -> RunConfig:
+    """Combine options, preset and dataset into a RunConfig; ValueError for inconsistent requests."""
+    from edm2.presets import get_preset
+
+    preset = get_preset(opts.preset)
+    net, tr = preset.network, preset.training
+    if dataset.resolution != net.img_resolution or dataset.channels != net.img_channels:
+        raise ValueError(f"dataset {dataset.name} is {dataset.resolution}x{dataset.resolution}x{dataset.channels} "
+                         f"but preset {preset.name} expects {net.img_resolution}x{net.img_resolution}x"
+                         f"{net.img_channels}; choose a preset that matches the data")
+    if opts.cond and not dataset.has_labels:
+        raise ValueError(f"--cond needs labels but dataset {dataset.name} has none; add dataset.json labels "
+                         "or train with --uncond")
+    _, world = _world()
+    batch = opts.batch or tr.batch_size
+    batch_gpu = opts.batch_gpu or batch // world
+    if batch <= 0 or batch_gpu <= 0 or batch % (world * batch_gpu) != 0:
+        raise ValueError(f"--batch {batch} must be a positive multiple of processes ({world}) x --batch-gpu "
+                         f"({batch_gpu})")
+    net = dataclasses.replace(net, label_dim=dataset.num_classes if opts.cond else 0,
+                              dropout=net.dropout if opts.dropout is None else opts.dropout)
+    pick = lambda v, d: d if v is None else v  # noqa: E731
+    run = RunConfig(
+        data=opts.data, dataset=dataset.describe(), preset=preset.name, network=net.to_dict(), batch=batch,
+        batch_gpu=batch_gpu, lr=pick(opts.lr, tr.lr), decay=pick(opts.decay, tr.decay), rampup_Mimg=tr.rampup_Mimg,
+        P_mean=pick(opts.P_mean, tr.P_mean), P_std=pick(opts.P_std, tr.P_std),
+        ema_stds=tuple(pick(opts.ema_stds, tr.ema_stds)), seed=opts.seed, duration=pick(opts.duration, tr.duration),
+        status=pick(opts.status, tr.status), snapshot=pick(opts.snapshot, tr.snapshot),
+        checkpoint=pick(opts.checkpoint, tr.checkpoint),
+    )
+    for name in ("duration", "status", "snapshot", "checkpoint"):
+        if getattr(run, name) <= 0:
+            raise ValueError(f"--{name} must be a positive number of images, got {getattr(run, name)}")
+    if run.lr <= 0 or run.P_std <= 0:
+        raise ValueError(f"--lr and --P-std must be positive, got lr={run.lr}, P_std={run.P_std}")
+    return run
+
+
+def snapshot_name(nimg: int, sigma_rel: float) -> str:
+    return f"snapshot-{nimg:010d}-{sigma_rel:.3f}.safetensors"
+
+
+def find_checkpoints(outdir: str | Path) -> list[Path]:
+    """Training-state checkpoints in `outdir`, oldest first."""
+    return sorted(Path(outdir).glob("checkpoint-??????????.safetensors"))
+
+
+def _prepare_outdir(outdir: Path, run: RunConfig) -> bool:
+    """Create the run directory or check that it holds this run. Returns True when resuming."""
+    options = outdir / "training_options.json"
+    if options.is_file():
+        try:
+            old = json.loads(options.read_text())
+        except json.JSONDecodeError:
+            raise ValueError(f"{options} is damaged; use a new --outdir") from None
+        new = run.identity()
+        diff = sorted(k for k in new if old.get(k) != new[k])
+        if diff:
+            raise ValueError(f"--outdir {outdir} holds a different run (differs in {', '.join(diff)}); "
+                             "use a new --outdir or the original options")
+        return True
+    if outdir.exists() and any(outdir.iterdir()):
+        raise ValueError(f"--outdir {outdir} is not empty and holds no edm2 run; choose a new or empty folder")
+    return False
+
+
+def _save_checkpoint(outdir: Path, nimg: int, run: RunConfig, net: torch.nn.Module,
+                     optimizer: torch.optim.Optimizer, ema) -> None:
+    from edm2.checkpoint import save_tensors
+
+    tensors = {f"net/{k}": v for k, v in net.state_dict().items()}
+    tensors.update({f"ema/{k}": v for k, v in ema.state_dict().items()})
+    for i, st in optimizer.state_dict()["state"].items():
+        tensors.update({f"adam/{i}/{k}": torch.as_tensor(v) for k, v in st.items()})
+    save_tensors(outdir / f"checkpoint-{nimg:010d}.safetensors", tensors,
+                 {"kind": "checkpoint", "nimg": nimg, "run": run.to_dict()})
+    for old in find_checkpoints(outdir)[:-2]:  # keep the two newest
+        old.unlink(missing_ok=True)
+
+
+def _load_checkpoint(path: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer, ema) -> int:
+    from edm2.checkpoint import load_tensors
+
+    tensors, meta = load_tensors(path, kind="checkpoint")
+    net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net/")}, strict=True)
+    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema/")})
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("adam/"):
+            _, i, name = k.split("/")
+            state.setdefault(int(i), {})[name] = v
+    opt_state = optimizer.state_dict()
+    opt_state["state"] = state
+    optimizer.load_state_dict(opt_state)
+    return int(meta["nimg"])
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked between steps (the loop then checkpoints and exits)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self) -> _StopRequest:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _step_seed(seed: int, nimg: int, rank: int, round_idx: int) -> int:
+    return int(np.random.SeedSequence([seed, nimg, rank, round_idx]).generate_state(1)[0])
+
+
+def train(opts: TrainOptions, progress: bool = True, max_steps: int | None = None) -> dict:
+    """Train (or resume) the run in `opts.outdir`. Returns a summary dict.
+
+    Everything about the run is validated before the output folder is touched. Re-running with the same
+    options continues from the newest checkpoint; SIGINT/SIGTERM checkpoint and stop cleanly.
+    `max_steps` stops after that many optimizer steps in this call (for tests and benchmarks).
+    """
+    from tqdm import tqdm
+
+    from edm2.checkpoint import Snapshot, atomic_write_text, save_snapshot
+    from edm2.data import InfiniteSampler, open_dataset
+    from edm2.ema import PowerFunctionEMA
+    from edm2.losses import EDM2Loss
+    from edm2.networks import Precond
+    from edm2.presets import NetworkConfig
+
+    dataset = open_dataset(opts.data)
+    run = resolve_run(opts, dataset)
+    rank, world = _world()
+    outdir = Path(opts.outdir)
+    resuming = _prepare_outdir(outdir, run)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else opts.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+
+    # Model, optimizer, EMA, loss. The seed fixes the initial weights.
+    torch.manual_seed(run.seed)
+    net = Precond(**run.network).train().requires_grad_(True).to(device)
+    ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) \
+        if world > 1 else net
+    optimizer = make_adam(net.parameters(), fused=device.type == "cuda" or None)
+    ema = PowerFunctionEMA(net, run.ema_stds)
+    loss_fn = EDM2Loss(P_mean=run.P_mean, P_std=run.P_std, sigma_data=net.sigma_data)
+    sampler = InfiniteSampler(len(dataset), run.seed)
+    num_accum = run.batch // (world * run.batch_gpu)
+
+    cur_nimg = 0
+    checkpoints = find_checkpoints(outdir) if resuming else []
+    if checkpoints:
+        cur_nimg = _load_checkpoint(checkpoints[-1], net, optimizer, ema)
+    if rank == 0:
+        outdir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(outdir / "training_options.json", json.dumps(run.to_dict(), indent=2) + "\n")
+    log = (outdir / "log.txt").open("a") if rank == 0 else None
+
+    def say(msg: str) -> None:
+        if log is not None:
+            log.write(time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n")
+            log.flush()
+
+    say(f"{'resuming at' if cur_nimg else 'starting'} {cur_nimg} images: preset {run.preset}, data {run.data}, "
+        f"batch {run.batch} ({world} process(es) x {run.batch_gpu} x {num_accum} accumulation), device {device}")
+
+    def write_snapshots(nimg: int) -> None:
+        info = {"preset": run.preset, "dataset": run.dataset, "data": run.data}
+        for std, sd in ema.state_dicts():
+            save_snapshot(outdir / snapshot_name(nimg, std),
+                          Snapshot(sd, NetworkConfig.from_dict(run.network), std, nimg, info))
+        say(f"snapshot at {nimg} images")
+
+    bar = tqdm(total=run.duration / 1000, initial=cur_nimg / 1000, unit="kimg", disable=not progress or rank != 0,
+               bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}{postfix}]")
+    stats_file = (outdir / "stats.jsonl").open("a") if rank == 0 else None
+    window_loss, window_steps, window_start, window_nimg = 0.0, 0, time.time(), cur_nimg
+    steps, status = 0, "finished"
+    with _StopRequest() as stop:
+        while cur_nimg < run.duration:
+            # One optimizer step over the global batch, as num_accum micro-batches per process.
+            lr = learning_rate_schedule(cur_nimg, run.batch, run.lr, run.decay, run.rampup_Mimg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for r in range(num_accum):
+                seed = _step_seed(run.seed, cur_nimg, rank, r)
+                torch.manual_seed(seed)  # dropout
+                gen = torch.Generator(device).manual_seed(seed)
+                start = cur_nimg + (r * world + rank) * run.batch_gpu
+                images, labels = dataset.batch(sampler.indices(start, run.batch_gpu), net.label_dim)
+                images = images.to(device)
+                labels = None if labels is None else labels.to(device)
+                sync = r == num_accum - 1 or world == 1
+                ctx = ddp.no_sync() if not sync else _nullcontext()
+                with ctx:
+                    loss = loss_fn(ddp, images, labels, generator=gen)
+                    loss.sum().mul(1 / (run.batch // world)).backward()
+                step_loss += loss.detach().sum().item() / run.batch_gpu / num_accum
+            sanitize_gradients(net.parameters())
+            optimizer.step()
+            cur_nimg += run.batch
+            ema.update(cur_nimg, run.batch)
+            steps += 1
+            window_loss += step_loss
+            window_steps += 1
+
+            done = cur_nimg >= run.duration
+            bar.update(run.batch / 1000)
+            if cur_nimg % run.status < run.batch or done:
+                elapsed = time.time() - window_start
+                sec_per_kimg = elapsed / max(cur_nimg - window_nimg, 1) * 1000
+                entry = {"nimg": cur_nimg, "kimg": cur_nimg / 1000, "loss": window_loss / window_steps, "lr": lr,
+                         "sec_per_kimg": sec_per_kimg, "time": time.time()}
+                if stats_file is not None:
+                    stats_file.write(json.dumps(entry) + "\n")
+                    stats_file.flush()
+                bar.set_postfix_str(f"loss {entry['loss']:.4f}, lr {lr:.2e}, {sec_per_kimg:.2f} s/kimg")
+                say(f"kimg {entry['kimg']:.1f} loss {entry['loss']:.4f} lr {lr:.3e} sec/kimg {sec_per_kimg:.2f}")
+                if not math.isfinite(entry["loss"]):
+                    say("loss is not finite")
+                window_loss, window_steps, window_start, window_nimg = 0.0, 0, time.time(), cur_nimg
+            if rank == 0 and (cur_nimg % run.snapshot < run.batch or done):
+                write_snapshots(cur_nimg)
+            interrupted = stop.requested or (max_steps is not None and steps >= max_steps)
+            if rank == 0 and (cur_nimg % run.checkpoint < run.batch or done or interrupted):
+                _save_checkpoint(outdir, cur_nimg, run, net, optimizer, ema)
+            if interrupted and not done:
+                status = "interrupted" if stop.requested else "paused"
+                say(f"{status} at {cur_nimg} images; run the same command again to resume")
+                break
+    bar.close()
+    if world > 1:
+        torch.distributed.barrier()
+    if stats_file is not None:
+        stats_file.close()
+    if status == "finished":
+        say(f"finished at {cur_nimg} images")
+    if log is not None:
+        log.close()
+    return {"status": status, "nimg": cur_nimg, "outdir": str(outdir), "steps": steps, "run": run.to_dict()}
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,130 @@
+"""Generate images from a network: per-seed noise, class selection, guidance, PNG output and grids."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edm2.data import to_uint8
+from edm2.sampling import StackedRandomGenerator, edm_sampler
+
+__all__ = ["parse_seeds", "sample_batch", "generate_images", "save_png", "make_grid"]
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-63,100,200-201' -> [0, ..., 63, 100, 200, 201]; ValueError for malformed ranges."""
+    seeds: list[int] = []
+    for part in str(text).split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m:
+            raise ValueError(f"malformed seed list {text!r}; use e.g. 0-63 or 1,5,10-20")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise ValueError(f"malformed seed range {part.strip()!r}: end before start")
+        seeds.extend(range(lo, hi + 1))
+    return seeds
+
+
+def sample_batch(
+    net: torch.nn.Module,
+    seeds: Sequence[int],
+    class_idx: int | Sequence[int] | None = None,
+    gnet: torch.nn.Module | None = None,
+    guidance: float = 1.0,
+    num_steps: int = 32,
+    S_churn: float = 0.0,
+    S_min: float = 0.0,
+    S_max: float = float("inf"),
+    S_noise: float = 1.0,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images in [-1, 1] for `seeds` (each depends only on its seed) and their class indices.
+
+    `class_idx`: one class for all, one per seed, or None for a random class drawn from each seed.
+    """
+    rnd = StackedRandomGenerator(device, seeds)
+    n = len(seeds)
+    noise = rnd.randn([n, net.img_channels, net.img_resolution, net.img_resolution])
+    classes = labels = None
+    if net.label_dim:
+        if class_idx is None:
+            classes = rnd.randint(net.label_dim, [n, 1])[:, 0]
+        else:
+            classes = torch.as_tensor(class_idx, device=device).expand(n) if np.ndim(class_idx) == 0 \
+                else torch.as_tensor(class_idx, device=device)
+            if int(classes.min()) < 0 or int(classes.max()) >= net.label_dim:
+                raise ValueError(f"class {class_idx} outside 0..{net.label_dim - 1}")
+        labels = torch.nn.functional.one_hot(classes, net.label_dim).to(torch.float32)
+    with torch.no_grad():
+        images = edm_sampler(net, noise, labels, gnet=gnet, num_steps=num_steps, guidance=guidance,
+                             S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise,
+                             randn_like=rnd.randn_like)
+    return images, classes
+
+
+def save_png(path: str | Path, image: torch.Tensor) -> None:
+    """Write one image [C, H, W] in [-1, 1] as PNG, atomically."""
+    from PIL import Image
+
+    arr = to_uint8(image).permute(1, 2, 0).cpu().numpy()
+    img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr[:, :, :3])
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        img.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def make_grid(images: torch.Tensor, cols: int | None = None, scale: int = 1) -> torch.Tensor:
+    """Tile [N, C, H, W] images into one [C, rows*H, cols*W] image (pixels repeated `scale` times)."""
+    n, c, h, w = images.shape
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    pad = images.new_full([rows * cols - n, c, h, w], -1.0)
+    grid = torch.cat([images, pad]).reshape(rows, cols, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, rows * h, cols * w)
+    return grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+
+
+def generate_images(
+    net: torch.nn.Module,
+    seeds: Sequence[int],
+    outdir: str | Path | None,
+    batch_size: int = 64,
+    grid: str | Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    **sample_kwargs,
+) -> torch.Tensor:
+    """Sample `seeds` in batches, write `<outdir>/<seed:06d>.png` per seed and an optional grid PNG.
+    Returns all images [N, C, H, W] in [-1, 1]. `sample_kwargs` go to `sample_batch`."""
+    if not seeds:
+        raise ValueError("no seeds given")
+    if batch_size <= 0:
+        raise ValueError(f"--batch must be positive, got {batch_size}")
+    if outdir is not None:
+        Path(outdir).mkdir(parents=True, exist_ok=True)
+    out = []
+    for start in range(0, len(seeds), batch_size):
+        chunk = list(seeds[start:start + batch_size])
+        images, _ = sample_batch(net, chunk, **sample_kwargs)
+        images = images.cpu()
+        if outdir is not None:
+            for seed, image in zip(chunk, images):
+                save_png(Path(outdir) / f"{seed:06d}.png", image)
+        out.append(images)
+        if progress is not None:
+            progress(start + len(chunk), len(seeds))
+    images = torch.cat(out)
+    if grid is not None:
+        Path(grid).parent.mkdir(parents=True, exist_ok=True)
+        save_png(grid, make_grid(images, scale=max(1, 64 // images.shape[-1])))
+    return images
