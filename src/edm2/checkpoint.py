@@ -73,7 +73,12 @@ def read_metadata(path: str | Path, kind: str | None = None) -> dict:
         raise ValueError(f"{path}: not a readable safetensors file (truncated or foreign?): {e}") from None
     if raw is None:
         raise ValueError(f"{path}: a safetensors file without edm2 metadata; it was not written by edm2")
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: damaged edm2 metadata (not a JSON object); the file was not written by edm2")
     if kind is not None and meta.get("kind") != kind:
         raise ValueError(f"{path}: is an edm2 {meta.get('kind')!r} file, expected a {kind!r}")
     return meta

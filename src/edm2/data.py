@@ -142,7 +142,8 @@ def _parse_labels(meta: bytes, names: list[str], source: str) -> np.ndarray | No
         return None
     table = {}
     for entry in entries:
-        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], int)):
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+                and isinstance(entry[1], int)):
             raise ValueError(f"{source}/dataset.json: bad entry {entry!r}; expected [\"path/to/image.png\", int]")
         table[entry[0].replace("\\", "/")] = entry[1]
     missing = sorted(set(table) - set(names))
@@ -158,12 +159,18 @@ def _parse_labels(meta: bytes, names: list[str], source: str) -> np.ndarray | No
 
 def _load_npz(path: Path) -> ImageDataset:
     try:
-        with np.load(path) as d:
-            if "x" not in d.files:
-                raise ValueError(f"{path}: NPZ must hold 'x' (uint8 [N, H, W, C]) and optionally 'y' (int labels)")
-            x, y = d["x"], d["y"] if "y" in d.files else None
-    except (OSError, zipfile.BadZipFile) as e:
+        d = np.load(path)  # allow_pickle=False: object arrays and pickles are refused
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: not a readable NPZ file ({e})") from None
+    if not isinstance(d, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: not an NPZ archive (a single .npy array?); save with numpy.savez(path, x=..., y=...)")
+    with d:
+        if "x" not in d.files:
+            raise ValueError(f"{path}: NPZ must hold 'x' (uint8 [N, H, W, C]) and optionally 'y' (int labels)")
+        try:
+            x, y = d["x"], d["y"] if "y" in d.files else None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path}: not a readable NPZ file ({e})") from None
     if x.dtype != np.uint8 or x.ndim not in (3, 4):
         raise ValueError(f"{path}: 'x' must be uint8 [N, H, W, C] or [N, H, W], got {x.dtype} {list(x.shape)}")
     x = x[..., None] if x.ndim == 3 else x

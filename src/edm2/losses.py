@@ -36,10 +36,16 @@ class EDM2Loss:
         self.sigma_data = sigma_data
 
     def __call__(self, net: Callable, images: torch.Tensor, labels: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, sigma: torch.Tensor | None = None,
+                 noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Loss per element. `sigma` [N,1,1,1] and unit `noise` (shaped like images) are drawn from
+        `generator` unless given (the training loop draws them per global batch)."""
         images = images.to(torch.float64 if images.dtype == torch.float64 else torch.float32)
-        sigma = sample_sigma(images.shape[0], self.P_mean, self.P_std, images.device, generator).to(images.dtype)
-        noise = torch.randn(images.shape, device=images.device, dtype=images.dtype, generator=generator) * sigma
-        denoised, logvar = net(images + noise, sigma, labels, return_logvar=True)
+        if sigma is None:
+            sigma = sample_sigma(images.shape[0], self.P_mean, self.P_std, images.device, generator)
+        if noise is None:
+            noise = torch.randn(images.shape, device=images.device, dtype=images.dtype, generator=generator)
+        sigma = sigma.to(images.dtype).reshape(-1, 1, 1, 1)
+        denoised, logvar = net(images + noise.to(images.dtype) * sigma, sigma, labels, return_logvar=True)
         weight = edm_loss_weight(sigma, self.sigma_data)
         return (weight / logvar.exp()) * (denoised.to(images.dtype) - images) ** 2 + logvar

@@ -95,6 +95,9 @@ def posthoc_reconstruct(
     if bad:
         raise ValueError(f"sigma_rel {bad} outside (0, {max_std:.4f}), the range of power-function EMAs")
     used = [i for i in infos if i.nimg <= nimg]
+    if not used:
+        raise ValueError(f"target time {nimg} images lies before the first snapshot (at {infos[0].nimg}); "
+                         f"choose a time from {infos[0].nimg} to {last}")
     in_nimg = np.array([i.nimg for i in used], dtype=np.float64)
     in_std = np.array([i.sigma_rel for i in used], dtype=np.float64)
     narrowest = float(in_std.min())

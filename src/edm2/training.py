@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -173,6 +174,8 @@ def _prepare_outdir(outdir: Path, run: RunConfig) -> bool:
         if diff:
             raise ValueError(f"--outdir {outdir} holds a different run (differs in {', '.join(diff)}); "
                              "use a new --outdir or the original options")
+        for stale in outdir.glob(".*.tmp"):  # left by a process killed while writing
+            stale.unlink(missing_ok=True)
         return True
     if outdir.exists() and any(outdir.iterdir()):
         raise ValueError(f"--outdir {outdir} is not empty and holds no edm2 run; choose a new or empty folder")
@@ -233,8 +236,9 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def _step_seed(seed: int, nimg: int, rank: int, round_idx: int) -> int:
-    return int(np.random.SeedSequence([seed, nimg, rank, round_idx]).generate_state(1)[0])
+def _step_seed(*keys: int) -> int:
+    """A 32-bit seed determined by the integers `keys` (run seed, images seen, ...)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
 def train(opts: TrainOptions, progress: bool = True, max_steps: int | None = None) -> dict:
@@ -249,7 +253,7 @@ def train(opts: TrainOptions, progress: bool = True, max_steps: int | None = Non
     from edm2.checkpoint import Snapshot, atomic_write_text, save_snapshot
     from edm2.data import InfiniteSampler, open_dataset
     from edm2.ema import PowerFunctionEMA
-    from edm2.losses import EDM2Loss
+    from edm2.losses import EDM2Loss, sample_sigma
     from edm2.networks import Precond
     from edm2.presets import NetworkConfig
 
@@ -300,7 +304,8 @@ def train(opts: TrainOptions, progress: bool = True, max_steps: int | None = Non
     bar = tqdm(total=run.duration / 1000, initial=cur_nimg / 1000, unit="kimg", disable=not progress or rank != 0,
                bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}{postfix}]")
     stats_file = (outdir / "stats.jsonl").open("a") if rank == 0 else None
-    window_loss, window_steps, window_start, window_nimg = 0.0, 0, time.time(), cur_nimg
+    window_loss = torch.zeros([], device=device)
+    window_steps, window_start, window_nimg = 0, time.time(), cur_nimg
     steps, status = 0, "finished"
     with _StopRequest() as stop:
         while cur_nimg < run.duration:
@@ -309,36 +314,41 @@ def train(opts: TrainOptions, progress: bool = True, max_steps: int | None = Non
             for g in optimizer.param_groups:
                 g["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
+            # Noise levels and noise of the whole global batch come from one generator per step, so that
+            # every image sees the same noise whatever the number of processes or accumulation rounds.
+            gen = torch.Generator(device).manual_seed(_step_seed(run.seed, cur_nimg))
+            sigma_all = sample_sigma(run.batch, run.P_mean, run.P_std, device, gen)
+            noise_all = torch.randn([run.batch, net.img_channels, net.img_resolution, net.img_resolution],
+                                    device=device, generator=gen)
+            step_loss = torch.zeros([], device=device)
             for r in range(num_accum):
-                seed = _step_seed(run.seed, cur_nimg, rank, r)
-                torch.manual_seed(seed)  # dropout
-                gen = torch.Generator(device).manual_seed(seed)
-                start = cur_nimg + (r * world + rank) * run.batch_gpu
-                images, labels = dataset.batch(sampler.indices(start, run.batch_gpu), net.label_dim)
+                start = (r * world + rank) * run.batch_gpu
+                part = slice(start, start + run.batch_gpu)
+                torch.manual_seed(_step_seed(run.seed, cur_nimg, rank, r))  # dropout
+                images, labels = dataset.batch(sampler.indices(cur_nimg + start, run.batch_gpu), net.label_dim)
                 images = images.to(device)
                 labels = None if labels is None else labels.to(device)
-                sync = r == num_accum - 1 or world == 1
-                ctx = ddp.no_sync() if not sync else _nullcontext()
-                with ctx:
-                    loss = loss_fn(ddp, images, labels, generator=gen)
+                with ddp.no_sync() if world > 1 and r < num_accum - 1 else contextlib.nullcontext():
+                    loss = loss_fn(ddp, images, labels, sigma=sigma_all[part], noise=noise_all[part])
                     loss.sum().mul(1 / (run.batch // world)).backward()
-                step_loss += loss.detach().sum().item() / run.batch_gpu / num_accum
+                step_loss += loss.detach().sum() / run.batch
             sanitize_gradients(net.parameters())
             optimizer.step()
             cur_nimg += run.batch
             ema.update(cur_nimg, run.batch)
             steps += 1
-            window_loss += step_loss
+            window_loss += step_loss  # stays on the device; read at status time only
             window_steps += 1
 
             done = cur_nimg >= run.duration
             bar.update(run.batch / 1000)
             if cur_nimg % run.status < run.batch or done:
+                if world > 1:
+                    torch.distributed.all_reduce(window_loss)
                 elapsed = time.time() - window_start
                 sec_per_kimg = elapsed / max(cur_nimg - window_nimg, 1) * 1000
-                entry = {"nimg": cur_nimg, "kimg": cur_nimg / 1000, "loss": window_loss / window_steps, "lr": lr,
-                         "sec_per_kimg": sec_per_kimg, "time": time.time()}
+                entry = {"nimg": cur_nimg, "kimg": cur_nimg / 1000, "loss": float(window_loss) / window_steps,
+                         "lr": lr, "sec_per_kimg": sec_per_kimg, "time": time.time()}
                 if stats_file is not None:
                     stats_file.write(json.dumps(entry) + "\n")
                     stats_file.flush()
@@ -346,7 +356,8 @@ def train(opts: TrainOptions, progress: bool = True, max_steps: int | None = Non
                 say(f"kimg {entry['kimg']:.1f} loss {entry['loss']:.4f} lr {lr:.3e} sec/kimg {sec_per_kimg:.2f}")
                 if not math.isfinite(entry["loss"]):
                     say("loss is not finite")
-                window_loss, window_steps, window_start, window_nimg = 0.0, 0, time.time(), cur_nimg
+                window_loss.zero_()
+                window_steps, window_start, window_nimg = 0, time.time(), cur_nimg
             if rank == 0 and (cur_nimg % run.snapshot < run.batch or done):
                 write_snapshots(cur_nimg)
             interrupted = stop.requested or (max_steps is not None and steps >= max_steps)
@@ -366,11 +377,3 @@ def train(opts: TrainOptions, progress: bool = True, max_steps: int | None = Non
     if log is not None:
         log.close()
     return {"status": status, "nimg": cur_nimg, "outdir": str(outdir), "steps": steps, "run": run.to_dict()}
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
