@@ -54,7 +54,41 @@ def friendly_errors(fn):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _UsageError(click.ClickException):
+    """A command-line usage error reported like every other error: one line on stderr, exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"edm2: error: {self.format_message()}", err=True)
+
+
+class _Group(click.Group):
+    """Turns click's multi-line usage errors (unknown option, bad value, missing option) into one line."""
+
+    @staticmethod
+    def _one_line(e: click.UsageError) -> _UsageError:
+        where = f" (see '{e.ctx.command_path} -h')" if e.ctx is not None else ""
+        return _UsageError(" ".join(e.format_message().split()) + where)
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            raise self._one_line(e) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            raise self._one_line(e) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edm2")
 def main() -> None:
     """Train, sample and evaluate EDM2 diffusion models."""
@@ -139,12 +173,20 @@ def generate(net_path, outdir, seeds, class_idx, gnet_path, guidance, steps, S_c
     gnet = load_network(gnet_path, device)[0] if gnet_path else None
     if guidance != 1 and gnet is None:
         raise ValueError(f"--guidance {guidance} needs a guide model: pass --gnet SNAPSHOT")
-    bar = tqdm(total=len(seed_list), unit="img")
-    generate_images(net, seed_list, outdir, batch_size=batch_size, grid=grid,
-                    progress=lambda done, total: bar.update(done - bar.n), class_idx=class_idx, gnet=gnet,
-                    guidance=guidance, num_steps=steps, S_churn=S_churn, S_min=S_min, S_max=S_max,
-                    S_noise=S_noise, device=device)
-    bar.close()
+    bar = None  # created at the first finished batch, so that an early error stays a single line
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        bar = bar or tqdm(total=total, unit="img")
+        bar.update(done - bar.n)
+
+    try:
+        generate_images(net, seed_list, outdir, batch_size=batch_size, grid=grid, progress=progress,
+                        class_idx=class_idx, gnet=gnet, guidance=guidance, num_steps=steps, S_churn=S_churn,
+                        S_min=S_min, S_max=S_max, S_noise=S_noise, device=device)
+    finally:
+        if bar is not None:
+            bar.close()
     where = (f" to {outdir}" if outdir else "") + (f", grid {grid}" if grid else "")
     click.echo(f"wrote {len(seed_list)} images{where}")
 

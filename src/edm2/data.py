@@ -163,7 +163,7 @@ def _load_npz(path: Path) -> ImageDataset:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: not a readable NPZ file ({e})") from None
     if not isinstance(d, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path}: not an NPZ archive (a single .npy array?); save with numpy.savez(path, x=..., y=...)")
+        raise ValueError(f"{path}: not an NPZ archive (a single .npy array?); write it with numpy.savez(path, x=, y=)")
     with d:
         if "x" not in d.files:
             raise ValueError(f"{path}: NPZ must hold 'x' (uint8 [N, H, W, C]) and optionally 'y' (int labels)")

@@ -110,6 +110,10 @@ def generate_images(
         raise ValueError("no seeds given")
     if batch_size <= 0:
         raise ValueError(f"--batch must be positive, got {batch_size}")
+    class_idx = sample_kwargs.get("class_idx")
+    label_dim = getattr(net, "label_dim", 0)
+    if class_idx is not None and label_dim and not all(0 <= int(c) < label_dim for c in np.atleast_1d(class_idx)):
+        raise ValueError(f"class {class_idx} outside 0..{label_dim - 1}")
     if outdir is not None:
         Path(outdir).mkdir(parents=True, exist_ok=True)
     out = []

@@ -1,0 +1,214 @@
+"""Model files: safetensors + JSON metadata, no pickle, atomic writes, ValueError for damaged or foreign files."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import edm2.checkpoint as checkpoint
+from edm2.checkpoint import (
+    Snapshot,
+    load_network,
+    load_snapshot,
+    load_tensors,
+    read_metadata,
+    save_snapshot,
+    save_tensors,
+)
+from edm2.networks import Precond
+from edm2.presets import NetworkConfig
+
+SMALL = NetworkConfig(img_resolution=8, img_channels=1, label_dim=3, model_channels=16, channel_mult=(1, 2),
+                      num_blocks=1, attn_resolutions=(4,), channels_per_head=16, use_fp16=False)
+INFO = {"preset": "test", "dataset": {"name": "unit", "num_images": 3}}
+
+
+@pytest.fixture(scope="module")
+def small_net() -> Precond:
+    torch.manual_seed(1)
+    net = Precond(**SMALL.to_dict())
+    with torch.no_grad():  # move the weights away from their initial values
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return net.eval().requires_grad_(False)
+
+
+def write_snapshot(path, net: Precond, nimg: int = 4096, sigma_rel: float | None = 0.1) -> None:
+    save_snapshot(path, Snapshot(net.state_dict(), SMALL, sigma_rel, nimg, INFO))
+
+
+def outputs(net: Precond) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn([4, 1, 8, 8], generator=g)
+    sigma = torch.tensor([0.01, 0.5, 2.0, 40.0])
+    labels = torch.nn.functional.one_hot(torch.tensor([0, 2, 1, 2]), 3).float()
+    with torch.no_grad():
+        return net(x, sigma, labels)
+
+
+def test_snapshot_round_trip_rebuilds_network(tmp_path, small_net):
+    path = tmp_path / "snap.safetensors"
+    write_snapshot(path, small_net)
+    net, snap = load_network(path)
+    assert isinstance(net, Precond) and not net.training
+    assert snap.network == SMALL and snap.sigma_rel == 0.1 and snap.nimg == 4096 and snap.info == INFO
+    assert set(snap.state_dict) == set(small_net.state_dict())
+    for k, v in small_net.state_dict().items():
+        assert torch.equal(snap.state_dict[k], v), k
+    assert torch.equal(outputs(net), outputs(small_net))
+    # load_snapshot + build gives the same network.
+    assert torch.equal(outputs(load_snapshot(path).build()), outputs(small_net))
+
+
+def test_raw_snapshot_has_no_sigma_rel(tmp_path, small_net):
+    path = tmp_path / "raw.safetensors"
+    write_snapshot(path, small_net, nimg=0, sigma_rel=None)
+    snap = load_snapshot(path)
+    assert snap.sigma_rel is None and snap.nimg == 0
+
+
+def test_file_is_plain_safetensors_without_pickle(tmp_path, small_net):
+    path = tmp_path / "snap.safetensors"
+    write_snapshot(path, small_net)
+    data = path.read_bytes()
+    (header_len,) = struct.unpack("<Q", data[:8])  # safetensors: u64 little-endian header size, then JSON
+    assert 0 < header_len < len(data)
+    header = json.loads(data[8:8 + header_len])
+    meta = json.loads(header["__metadata__"]["edm2"])
+    assert meta["format"] == "edm2" and meta["kind"] == "snapshot"
+    assert meta["network"] == SMALL.to_dict() and meta["sigma_rel"] == 0.1 and meta["nimg"] == 4096
+    assert not data.startswith(b"PK") and not data.startswith(b"\x80")  # no torch.save zip, no raw pickle
+    assert b"\x80\x02" not in data[:8 + header_len] and b"cPickle" not in data
+    with safe_open(str(path), framework="pt") as f:
+        assert set(f.keys()) == set(small_net.state_dict())
+        assert torch.equal(f.get_tensor("logvar_linear.weight"), small_net.state_dict()["logvar_linear.weight"])
+    assert read_metadata(path, kind="snapshot")["nimg"] == 4096
+
+
+def test_truncated_file(tmp_path, small_net):
+    path = tmp_path / "snap.safetensors"
+    write_snapshot(path, small_net)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    for fn in (read_metadata, load_snapshot, load_network, load_tensors):
+        with pytest.raises(ValueError, match="snap.safetensors"):
+            fn(path)
+    path.write_bytes(data[:5])  # not even a full header length
+    with pytest.raises(ValueError, match="snap.safetensors"):
+        load_network(path)
+
+
+def test_foreign_random_bytes(tmp_path):
+    path = tmp_path / "random.safetensors"
+    path.write_bytes(os.urandom(4096))
+    with pytest.raises(ValueError, match="random.safetensors"):
+        load_network(path)
+    with pytest.raises(ValueError, match="random.safetensors"):
+        read_metadata(path)
+
+
+def test_foreign_safetensors_without_edm2_metadata(tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file({"weight": torch.zeros(3)}, str(path))
+    with pytest.raises(ValueError, match="without edm2 metadata"):
+        load_network(path)
+    save_file({"weight": torch.zeros(3)}, str(path), metadata={"author": "someone else"})
+    with pytest.raises(ValueError, match="without edm2 metadata"):
+        read_metadata(path)
+
+
+@pytest.mark.parametrize("raw", ["{not json", "[1, 2]", "7"])
+def test_damaged_edm2_metadata(tmp_path, raw):
+    path = tmp_path / "odd.safetensors"
+    save_file({"weight": torch.zeros(3)}, str(path), metadata={"edm2": raw})
+    with pytest.raises(ValueError, match="odd.safetensors"):
+        load_snapshot(path)
+
+
+def test_snapshot_metadata_without_network(tmp_path):
+    path = tmp_path / "nonet.safetensors"
+    save_tensors(path, {"weight": torch.zeros(3)}, {"kind": "snapshot"})
+    with pytest.raises(ValueError, match="network config"):
+        load_snapshot(path)
+
+
+def test_kind_mismatch(tmp_path, small_net):
+    ckpt = tmp_path / "ckpt.safetensors"
+    save_tensors(ckpt, {"net/w": torch.ones(2)}, {"kind": "checkpoint", "nimg": 64})
+    assert read_metadata(ckpt)["kind"] == "checkpoint"
+    assert read_metadata(ckpt, kind="checkpoint")["nimg"] == 64
+    with pytest.raises(ValueError, match="expected a 'snapshot'"):
+        read_metadata(ckpt, kind="snapshot")
+    with pytest.raises(ValueError, match="ckpt.safetensors"):
+        load_network(ckpt)
+    snap = tmp_path / "snap.safetensors"
+    write_snapshot(snap, small_net)
+    with pytest.raises(ValueError, match="expected a 'checkpoint'"):
+        load_tensors(snap, kind="checkpoint")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="no such file"):
+        load_network(tmp_path / "absent.safetensors")
+
+
+def test_weights_that_do_not_fit_the_config(tmp_path, small_net):
+    path = tmp_path / "misfit.safetensors"
+    state = dict(small_net.state_dict())
+    state.pop("logvar_linear.weight")
+    save_snapshot(path, Snapshot(state, SMALL, 0.1, 0, {}))
+    with pytest.raises(ValueError, match="misfit.safetensors.*do not fit"):
+        load_network(path)
+
+
+def test_tensors_round_trip_with_shared_storage(tmp_path):
+    base = torch.arange(10, dtype=torch.float32)
+    tensors = {"a": base, "view": base[2:5], "int": torch.tensor([1, 2], dtype=torch.int64)}
+    save_tensors(tmp_path / "t.safetensors", tensors, {"kind": "test", "extra": [1, 2]})
+    back, meta = load_tensors(tmp_path / "t.safetensors", kind="test")
+    assert meta["extra"] == [1, 2] and meta["version"] == checkpoint.VERSION
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path, small_net, monkeypatch):
+    path = tmp_path / "snap.safetensors"
+    write_snapshot(path, small_net, nimg=1)
+    before = path.read_bytes()
+
+    def broken_save_file(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial bytes of a big file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", broken_save_file)
+    with pytest.raises(OSError, match="disk full"):
+        write_snapshot(path, small_net, nimg=2)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["snap.safetensors"]
+    with pytest.raises(OSError):  # a new file is not created at all
+        write_snapshot(tmp_path / "new.safetensors", small_net)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["snap.safetensors"]
+    monkeypatch.undo()
+    assert load_snapshot(path).nimg == 1
+
+
+def test_atomic_write_text(tmp_path, monkeypatch):
+    path = tmp_path / "options.json"
+    checkpoint.atomic_write_text(path, "old\n")
+    checkpoint.atomic_write_text(path, "new\n")
+    assert path.read_text() == "new\n"
+
+    def failing_fsync(fd):
+        raise OSError("io error")
+
+    monkeypatch.setattr(checkpoint.os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="io error"):
+        checkpoint.atomic_write_text(path, "newer\n")
+    assert path.read_text() == "new\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["options.json"]
