@@ -83,25 +83,22 @@ class Preset:
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
 
-def _img512(size: str, channels: int, lr: float, dropout: float, duration_Mi: int) -> Preset:
-    return Preset(
-        name=f"edm2-img512-{size}",
-        description=f"ImageNet-512 latent (64x64x4, SD VAE), EDM2-{size.upper()}, C={channels}",
-        network=NetworkConfig(img_resolution=64, img_channels=4, label_dim=1000, model_channels=channels,
-                              dropout=dropout),
-        training=TrainingConfig(batch_size=2048, duration=duration_Mi * Mi, lr=lr, decay=70000,
-                                P_mean=-0.4, P_std=1.0),
-    )
+# The two official families: (description, image channels, t_ref in batches, P_mean, P_std).
+_FAMILIES = {
+    "img512": ("ImageNet-512 latent (64x64x4, SD VAE)", 4, 70000, -0.4, 1.0),
+    "img64": ("ImageNet-64 pixels (64x64x3)", 3, 35000, -0.8, 1.6),
+}
 
 
-def _img64(size: str, channels: int, lr: float, dropout: float, duration_Mi: int) -> Preset:
+def _official(family: str, size: str, channels: int, lr: float, dropout: float, duration_Mi: int) -> Preset:
+    description, img_channels, decay, P_mean, P_std = _FAMILIES[family]
     return Preset(
-        name=f"edm2-img64-{size}",
-        description=f"ImageNet-64 pixels (64x64x3), EDM2-{size.upper()}, C={channels}",
-        network=NetworkConfig(img_resolution=64, img_channels=3, label_dim=1000, model_channels=channels,
-                              dropout=dropout),
-        training=TrainingConfig(batch_size=2048, duration=duration_Mi * Mi, lr=lr, decay=35000,
-                                P_mean=-0.8, P_std=1.6),
+        name=f"edm2-{family}-{size}",
+        description=f"{description}, EDM2-{size.upper()}, C={channels}",
+        network=NetworkConfig(img_resolution=64, img_channels=img_channels, label_dim=1000,
+                              model_channels=channels, dropout=dropout),
+        training=TrainingConfig(batch_size=2048, duration=duration_Mi * Mi, lr=lr, decay=decay,
+                                P_mean=P_mean, P_std=P_std),
     )
 
 
@@ -113,22 +110,22 @@ def _cpu(name: str, description: str, network: NetworkConfig, **training) -> Pre
 
 _PRESET_LIST = [
     # XXS is the small guide model of the autoguidance follow-up work (same recipe, C=64).
-    _img512("xxs", 64, 0.0170, 0.00, 2048),
-    _img512("xs", 128, 0.0120, 0.00, 2048),
-    _img512("s", 192, 0.0100, 0.00, 2048),
-    _img512("m", 256, 0.0090, 0.10, 2048),
-    _img512("l", 320, 0.0080, 0.10, 1792),
-    _img512("xl", 384, 0.0070, 0.10, 1280),
-    _img512("xxl", 448, 0.0065, 0.10, 896),
-    _img64("xs", 128, 0.0120, 0.00, 1024),
-    _img64("s", 192, 0.0100, 0.00, 1024),
-    _img64("m", 256, 0.0090, 0.10, 2048),
-    _img64("l", 320, 0.0080, 0.10, 1024),
-    _img64("xl", 384, 0.0070, 0.10, 640),
+    _official("img512", "xxs", 64, 0.0170, 0.00, 2048),
+    _official("img512", "xs", 128, 0.0120, 0.00, 2048),
+    _official("img512", "s", 192, 0.0100, 0.00, 2048),
+    _official("img512", "m", 256, 0.0090, 0.10, 2048),
+    _official("img512", "l", 320, 0.0080, 0.10, 1792),
+    _official("img512", "xl", 384, 0.0070, 0.10, 1280),
+    _official("img512", "xxl", 448, 0.0065, 0.10, 896),
+    _official("img64", "xs", 128, 0.0120, 0.00, 1024),
+    _official("img64", "s", 192, 0.0100, 0.00, 1024),
+    _official("img64", "m", 256, 0.0090, 0.10, 2048),
+    _official("img64", "l", 320, 0.0080, 0.10, 1024),
+    _official("img64", "xl", 384, 0.0070, 0.10, 640),
     _cpu("cpu-digits8", "8x8 grayscale digits (the built-in demo), 10 classes, laptop CPU",
          NetworkConfig(img_resolution=8, img_channels=1, label_dim=10, model_channels=32, channel_mult=(1, 2),
                        num_blocks=2, attn_resolutions=(4,), channels_per_head=32, use_fp16=False),
-         batch_size=128, duration=192 * Ki, lr=0.0100, decay=1000, rampup_Mimg=0.02, status=8 * Ki,
+         batch_size=128, duration=128 * Ki, lr=0.0100, decay=1000, rampup_Mimg=0.02, status=8 * Ki,
          snapshot=16 * Ki, checkpoint=32 * Ki),
     _cpu("cpu-tiny8", "8x8 grayscale, minimal network for smoke tests and CI (not for quality)",
          NetworkConfig(img_resolution=8, img_channels=1, label_dim=10, model_channels=16, channel_mult=(1, 2),
