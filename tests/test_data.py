@@ -316,12 +316,21 @@ def test_dataset_json_null_labels_means_unlabeled(tmp_path):
     assert open_dataset(tmp_path).labels is None
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads files without permission")
-def test_permission_denied(tmp_path):
+def test_permission_denied(tmp_path, monkeypatch):
     write_png(tmp_path / "a.png", gray(0))
     locked = write_png(tmp_path / "b.png", gray(0))
-    locked.chmod(0)
+    if hasattr(os, "geteuid") and os.geteuid() != 0:
+        locked.chmod(0)  # a real unreadable file
+    else:  # root reads any file: the read fails as it would for another user
+        real = Path.read_bytes
+
+        def read_bytes(self: Path) -> bytes:
+            if self == locked:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real(self)
+
+        monkeypatch.setattr(Path, "read_bytes", read_bytes)
     try:
-        expect_error(tmp_path, "cannot read")
+        expect_error(tmp_path, "cannot read", "b.png")
     finally:
         locked.chmod(0o644)

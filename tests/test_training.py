@@ -83,15 +83,20 @@ def test_gradient_accumulation_matches_full_batch(reference_run: Path, tmp_path:
 
 
 def _spawn(outdir: Path, extra: str = "") -> subprocess.Popen:
-    """Train in a child process (the same options as BASE), optionally patching something first."""
+    """Train in a child process (the same options as BASE), optionally patching something first.
+
+    The child uses this process's number of threads: CPU reductions split their work by thread, so float
+    results are bit-reproducible only for a fixed thread count (the exact-resume claim is per machine setup).
+    """
+    threads = torch.get_num_threads()
     code = textwrap.dedent(f"""
         import torch
-        torch.set_num_threads(1)
+        torch.set_num_threads({threads})
         {extra}
         from edm2.training import TrainOptions, train
         train(TrainOptions(outdir={str(outdir)!r}, **{BASE!r}), progress=False)
     """)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
