@@ -2,8 +2,9 @@
 writes them. Loading never executes code; writes are atomic (temporary file, then rename).
 
 Two kinds of file:
-- snapshot (`kind: "snapshot"`): one network's state dict + network config, sigma_rel, training time in
-  images, dataset description. Enough to rebuild the network (`load_network`).
+- snapshot (`kind: "snapshot"`): one model's state dict + sigma_rel, training time, the names of the
+  averaged tensors, a free-form `info` dict, and the edm2 network config (None for models edm2 did not
+  build). With the config it is enough to rebuild the network (`load_network`).
 - checkpoint (`kind: "checkpoint"`): the full training state for resuming (network, Adam, EMAs).
 """
 
@@ -98,16 +99,20 @@ def load_tensors(path: str | Path, kind: str | None = None,
 
 @dataclass
 class Snapshot:
-    """A network's weights with what is needed to rebuild and describe it."""
+    """A model's weights with what is needed to rebuild and describe it."""
 
     state_dict: dict[str, torch.Tensor]
-    network: NetworkConfig
+    network: NetworkConfig | None  # None: not an edm2 network (a generic model tracked by PosthocEMA)
     sigma_rel: float | None  # EMA length, None for raw training weights
-    nimg: int  # training time in images
+    nimg: int  # training time in images (or any growing count, for generic models)
     info: dict  # preset, dataset description, anything else JSON-able
+    averaged_names: tuple[str, ...] | None = None  # tensors that are EMAs (the rest are copies, e.g. buffers)
 
     def build(self, device: str | torch.device = "cpu") -> Precond:
         """The network with these weights, in eval mode."""
+        if self.network is None:
+            raise ValueError("snapshot holds no edm2 network config (a generic model); read its tensors with "
+                             "edm2.checkpoint.load_tensors")
         net = Precond(**self.network.to_dict())
         try:
             net.load_state_dict(self.state_dict, strict=True)
@@ -117,21 +122,28 @@ class Snapshot:
 
 
 def save_snapshot(path: str | Path, snapshot: Snapshot) -> None:
-    """Atomically write a snapshot file."""
-    save_tensors(path, snapshot.state_dict, {
-        "kind": "snapshot", "network": snapshot.network.to_dict(), "sigma_rel": snapshot.sigma_rel,
-        "nimg": int(snapshot.nimg), "info": snapshot.info, "parameter_names": sorted(snapshot.state_dict),
-    })
+    """Atomically write a snapshot file (the one writer of snapshots: training, PosthocEMA, reconstruction)."""
+    meta = {"kind": "snapshot", "network": None if snapshot.network is None else snapshot.network.to_dict(),
+            "sigma_rel": snapshot.sigma_rel, "nimg": int(snapshot.nimg), "info": snapshot.info,
+            "parameter_names": sorted(snapshot.state_dict)}
+    if snapshot.averaged_names is not None:
+        missing = sorted(set(snapshot.averaged_names) - set(snapshot.state_dict))
+        if missing:
+            raise ValueError(f"averaged tensors {missing[:3]} are not in the state dict to write to {path}")
+        meta["averaged_names"] = sorted(snapshot.averaged_names)
+    save_tensors(path, snapshot.state_dict, meta)
 
 
 def load_snapshot(path: str | Path) -> Snapshot:
-    """Read a snapshot file written by `save_snapshot`."""
+    """Read a snapshot file of an edm2 network (ValueError when it has no network config)."""
     tensors, meta = load_tensors(path, kind="snapshot")
     try:
         network = NetworkConfig.from_dict(meta["network"])
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: snapshot metadata has no valid network config ({e})") from None
-    return Snapshot(tensors, network, meta.get("sigma_rel"), int(meta.get("nimg", 0)), meta.get("info", {}))
+    averaged = meta.get("averaged_names")
+    return Snapshot(tensors, network, meta.get("sigma_rel"), int(meta.get("nimg", 0)), meta.get("info", {}),
+                    None if averaged is None else tuple(averaged))
 
 
 def load_network(path: str | Path, device: str | torch.device = "cpu") -> tuple[Precond, Snapshot]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 import re
 import sys
+import time
 
 import click
 
@@ -113,13 +116,18 @@ def main() -> None:
 @click.option("--ema-stds", help="Comma-separated sigma_rel of the tracked EMAs.  [default: 0.05,0.10]")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="U-Net precision: fp32, bf16 (autocast, also on CPU) or fp16 (CUDA, dynamic loss scaling).  "
+                   "[default: fp16 on CUDA for presets with use_fp16, else fp32]")
+@click.option("--compile", "compile_net", is_flag=True, help="torch.compile the network (slow start, faster steps).")
 @click.option("--dry-run", is_flag=True, help="Validate and print the resolved options, then exit.")
 @friendly_errors
 def train(outdir, data, preset, cond, duration, batch, batch_gpu, lr, decay, dropout, P_mean, P_std, status,
-          snapshot, checkpoint, ema_stds, seed, device, dry_run) -> None:
-    """Train a model (or resume the run in OUTDIR)."""
+          snapshot, checkpoint, ema_stds, seed, device, precision, compile_net, dry_run) -> None:
+    """Train a model (or resume the run in OUTDIR). Under torchrun, data-parallel over the processes."""
     from edm2.complexity import count_complexity
     from edm2.data import open_dataset
+    from edm2.distributed import distributed
     from edm2.presets import NetworkConfig
     from edm2.training import TrainOptions, resolve_run
     from edm2.training import train as run_training
@@ -128,14 +136,18 @@ def train(outdir, data, preset, cond, duration, batch, batch_gpu, lr, decay, dro
     opts = TrainOptions(outdir=outdir, data=data, preset=preset, cond=cond, duration=duration, batch=batch,
                         batch_gpu=batch_gpu, lr=lr, decay=decay, dropout=dropout, P_mean=P_mean, P_std=P_std,
                         status=status, snapshot=snapshot, checkpoint=checkpoint, ema_stds=stds, seed=seed,
-                        device=device)
-    if dry_run:
-        run = resolve_run(opts, open_dataset(data))
-        c = count_complexity(NetworkConfig.from_dict(run.network))
-        click.echo(json.dumps({**run.to_dict(), "parameters": c.parameters, "gflops": round(c.gflops, 3)}, indent=2))
-        return
-    result = run_training(opts)
-    click.echo(f"{result['status']} at {result['nimg']} images in {result['outdir']}")
+                        device=device, precision=precision, compile=compile_net)
+    with _one_voice(), distributed(device) as (rank, _):
+        if dry_run:
+            run = resolve_run(opts, open_dataset(data))
+            c = count_complexity(NetworkConfig.from_dict(run.network))
+            if rank == 0:
+                click.echo(json.dumps({**run.to_dict(), "parameters": c.parameters, "gflops": round(c.gflops, 3)},
+                                      indent=2))
+            return
+        result = run_training(opts, progress=rank == 0)
+    if rank == 0:
+        click.echo(f"{result['status']} at {result['nimg']} images in {result['outdir']}")
     if result["status"] == "interrupted":
         sys.exit(130)
 
@@ -155,56 +167,155 @@ def train(outdir, data, preset, cond, duration, batch, batch_gpu, lr, decay, dro
 @click.option("--batch", "batch_size", type=int, default=64, show_default=True, help="Images per batch.")
 @click.option("--grid", type=click.Path(dir_okay=False), help="Also write all images as one grid PNG.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="U-Net precision: fp32, bf16 (also on CPU) or fp16 (CUDA).  "
+                   "[default: fp16 on CUDA for networks with use_fp16, else fp32]")
+@click.option("--compile", "compile_net", is_flag=True, help="torch.compile the network (slow start, faster steps).")
 @friendly_errors
 def generate(net_path, outdir, seeds, class_idx, gnet_path, guidance, steps, S_churn, S_min, S_max, S_noise,
-             batch_size, grid, device) -> None:
-    """Generate images from a snapshot; an image depends only on its seed."""
-    import torch
+             batch_size, grid, device, precision, compile_net) -> None:
+    """Generate images from a snapshot; an image depends only on its seed. Under torchrun, the seeds are
+    split over the processes."""
     from tqdm import tqdm
 
     from edm2.checkpoint import load_network
+    from edm2.distributed import distributed, resolve_device
     from edm2.generate import generate_images, parse_seeds
+    from edm2.networks import resolve_precision
 
     if outdir is None and grid is None:
         raise ValueError("nothing to write: give --outdir and/or --grid")
     seed_list = parse_seeds(seeds)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    net, _ = load_network(net_path, device)
-    gnet = load_network(gnet_path, device)[0] if gnet_path else None
-    if guidance != 1 and gnet is None:
-        raise ValueError(f"--guidance {guidance} needs a guide model: pass --gnet SNAPSHOT")
-    bar = None  # created at the first finished batch, so that an early error stays a single line
+    with _one_voice(), distributed(device) as (rank, _):
+        device = resolve_device(device)
+        net, _ = load_network(net_path, device)
+        gnet = load_network(gnet_path, device)[0] if gnet_path else None
+        if guidance != 1 and gnet is None:
+            raise ValueError(f"--guidance {guidance} needs a guide model: pass --gnet SNAPSHOT")
+        precision = resolve_precision(precision, device, net.use_fp16)
+        bar = None  # created at the first finished batch, so that an early error stays a single line
 
-    def progress(done: int, total: int) -> None:
-        nonlocal bar
-        bar = bar or tqdm(total=total, unit="img")
-        bar.update(done - bar.n)
+        def progress(done: int, total: int) -> None:
+            nonlocal bar
+            if rank == 0:
+                bar = bar or tqdm(total=total, unit="img")
+                bar.update(done - bar.n)
 
-    try:
-        generate_images(net, seed_list, outdir, batch_size=batch_size, grid=grid, progress=progress,
-                        class_idx=class_idx, gnet=gnet, guidance=guidance, num_steps=steps, S_churn=S_churn,
-                        S_min=S_min, S_max=S_max, S_noise=S_noise, device=device)
-    finally:
-        if bar is not None:
-            bar.close()
+        try:
+            generate_images(net, seed_list, outdir, batch_size=batch_size, grid=grid, progress=progress,
+                            class_idx=class_idx, gnet=gnet, guidance=guidance, num_steps=steps, S_churn=S_churn,
+                            S_min=S_min, S_max=S_max, S_noise=S_noise, device=device, precision=precision,
+                            compile=compile_net)
+        finally:
+            if bar is not None:
+                bar.close()
     where = (f" to {outdir}" if outdir else "") + (f", grid {grid}" if grid else "")
-    click.echo(f"wrote {len(seed_list)} images{where}")
+    if rank == 0:
+        click.echo(f"wrote {len(seed_list)} images{where}")
+
+
+@contextlib.contextmanager
+def _one_voice():
+    """Under torchrun, a configuration error (ValueError) is usually the same in every process. The other
+    ranks report it a few seconds after rank 0, by which time torchrun has normally stopped them, so the
+    user reads it once; an error of one rank alone is still reported."""
+    try:
+        yield
+    except ValueError:
+        if int(os.environ.get("RANK", "0")) != 0:
+            time.sleep(3)
+        raise
+
+
+def _posthoc_options(fn):
+    """Options shared by `reconstruct` and `ema-sweep`: which snapshots to use and how strictly."""
+    fn = click.option("--allow-gaps", is_flag=True, help="Accept irregular snapshot series (missing snapshots).")(fn)
+    fn = click.option("--max-error", type=float, default=0.1, show_default=True,
+                      help="Largest accepted relative squared L2 error of a reconstructed weighting profile.")(fn)
+    fn = click.option("--from-std", "from_stds",
+                      help="Use only the snapshots of these tracked sigma_rel (e.g. 0.10: one average per "
+                           "snapshot).  [default: all]")(fn)
+    fn = click.option("--nimg", type=NIMG, help="Target training time in images.  [default: last snapshot]")(fn)
+    return fn
 
 
 @main.command()
 @click.option("--indir", required=True, type=click.Path(), help="Training run folder or folder of snapshots.")
 @click.option("--outdir", required=True, type=click.Path(file_okay=False), help="Where to write the results.")
-@click.option("--std", "stds", required=True, help="Comma-separated EMA lengths sigma_rel, e.g. 0.10,0.15.")
-@click.option("--nimg", type=NIMG, help="Target training time in images.  [default: last snapshot]")
+@click.option("--std", "stds", required=True,
+              help="EMA lengths sigma_rel: a comma list (0.10,0.15) or start:stop:step (0.05:0.20:0.05).")
+@click.option("--std-for", "std_for", multiple=True,
+              help="PATTERN=SIGMA_REL: another length for tensors whose name matches the fnmatch PATTERN "
+                   "(repeatable; the first match wins), e.g. 'unet.enc.*=0.05'.")
+@_posthoc_options
 @friendly_errors
-def reconstruct(indir, outdir, stds, nimg) -> None:
-    """Post-hoc EMA: synthesize EMA lengths from a run's snapshots."""
-    from edm2.posthoc import posthoc_reconstruct
+def reconstruct(indir, outdir, stds, std_for, nimg, from_stds, max_error, allow_gaps) -> None:
+    """Post-hoc EMA: synthesize EMA lengths at any time from a run's snapshots."""
+    from edm2.posthoc import EMATarget, parse_std_for, parse_std_list, posthoc_reconstruct
 
-    reports = posthoc_reconstruct(indir, outdir, _parse_floats(stds, "--std"), nimg)
-    for r in reports:
-        click.echo(f"sigma_rel {r['sigma_rel']:.3f} at {r['nimg']} images from {r['num_snapshots']} snapshots: "
-                   f"profile error {r['profile_error']:.2e} -> {r['path']}")
+    values, dropped = parse_std_list(stds, "--std")
+    per_tensor = parse_std_for(std_for)
+    inputs = None if from_stds is None else parse_std_list(from_stds, "--from-std")[0]
+    if dropped:
+        click.echo(f"note: skipping sigma_rel {', '.join(f'{s:g}' for s in dropped)} of the range: power-function "
+                   "EMAs span (0, 0.2887)")
+    results = posthoc_reconstruct(indir, outdir, [EMATarget(s, per_tensor) for s in values], nimg, inputs,
+                                  max_error, allow_gaps)
+    for r in results:
+        detail = ""
+        if len(r.profile_errors) > 1:
+            detail = " (" + ", ".join(f"{s:.3f}: {e:.2e}" for s, e in r.profile_errors.items()) + ")"
+        extra = "".join(f", {p}={s:.3f}" for p, s in r.per_tensor)
+        click.echo(f"sigma_rel {r.sigma_rel:.3f}{extra} at {r.nimg} images from {r.num_snapshots} snapshots: "
+                   f"profile error {r.profile_error:.2e}{detail} -> {r.path}")
+
+
+@main.command("ema-sweep")
+@click.option("--run", "run_dir", required=True, type=click.Path(),
+              help="Training run folder or folder of snapshots (a digits model for the built-in metric).")
+@click.option("--outdir", type=click.Path(file_okay=False), help="Output folder.  [default: RUN/ema-sweep]")
+@click.option("--std", "stds", default="0.02:0.28:0.01", show_default=True,
+              help="EMA lengths: start:stop:step (inclusive) or a comma list.")
+@click.option("--samples", type=int, default=500, show_default=True, help="Samples judged per EMA length.")
+@click.option("--steps", type=int, default=16, show_default=True, help="Heun sampler steps per sample.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto.")
+@_posthoc_options
+@friendly_errors
+def ema_sweep(run_dir, outdir, stds, samples, steps, device, nimg, from_stds, max_error, allow_gaps) -> None:
+    """Quality against EMA length: reconstruct each length, judge digit samples, plot, pick the best."""
+    from pathlib import Path
+
+    import torch
+
+    from edm2.demo import DigitsQuality
+    from edm2.metrics import DigitsJudge
+    from edm2.posthoc import ema_sweep as sweep
+    from edm2.posthoc import parse_std_list
+
+    values, dropped = parse_std_list(stds, "--std")
+    inputs = None if from_stds is None else parse_std_list(from_stds, "--from-std")[0]
+    if samples < 2 or steps < 1:
+        raise ValueError(f"--samples must be >= 2 and --steps >= 1, got {samples} and {steps}")
+    if dropped:
+        click.echo(f"note: skipping sigma_rel {', '.join(f'{s:g}' for s in dropped)} of the range: power-function "
+                   "EMAs span (0, 0.2887)")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    outdir = Path(outdir) if outdir else Path(run_dir) / "ema-sweep"
+    result = sweep(run_dir, outdir, values, DigitsQuality(DigitsJudge(), samples, steps, device), key="fd",
+                   nimg=nimg, input_stds=inputs, max_error=max_error, allow_gaps=allow_gaps,
+                   secondary="accuracy", title=f"digits: Frechet distance vs EMA length ({samples} samples)",
+                   echo=click.echo)
+    click.echo("sigma_rel  profile error  Frechet distance  class accuracy")
+    for r in result.rows:
+        mark = "  <- best" if r is result.best else ""
+        click.echo(f"  {r['sigma_rel']:.3f}     {r['profile_error']:.1e}      {r['fd']:9.4f}       "
+                   f"{100 * r['accuracy']:5.1f} %{mark}")
+    b = result.best
+    click.echo(f"best sigma_rel {b['sigma_rel']:.3f} (Frechet distance {b['fd']:.4f}, accuracy "
+               f"{100 * b['accuracy']:.1f} %) -> {b['path']}")
+    if result.best_at_edge:
+        click.echo("note: the best length is at the end of the range; the optimum may lie outside it")
+    click.echo(f"table {result.json_path}, plot {result.plot_path}")
 
 
 @main.command()

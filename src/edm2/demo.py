@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,54 +14,35 @@ import numpy as np
 from edm2.checkpoint import atomic_write_text, load_network
 from edm2.generate import make_grid, sample_batch, save_png
 from edm2.metrics import DigitsJudge
-from edm2.posthoc import posthoc_reconstruct
+from edm2.posthoc import DEFAULT_MAX_ERROR, ema_sweep, reconstruction_errors
 from edm2.training import TrainOptions, train
 
-__all__ = ["DEMO_STDS", "run_demo", "sweep_quality", "plot_quality"]
+__all__ = ["DEMO_STDS", "run_demo", "DigitsQuality"]
 
 DEMO_STDS = (0.030, 0.050, 0.070, 0.100, 0.130, 0.170, 0.220)
 
 
-def sweep_quality(paths: Sequence[Path], judge: DigitsJudge, num_samples: int, num_steps: int,
-                  device: str = "cpu") -> list[dict]:
-    """Sample `num_samples` digits (seed i has class i % 10) from each snapshot and judge them."""
-    seeds = list(range(num_samples))
-    classes = [s % 10 for s in seeds]
-    rows = []
-    for path in paths:
-        net, snap = load_network(path, device)
-        images, _ = sample_batch(net, seeds, class_idx=classes, num_steps=num_steps, device=device)
-        report = judge.evaluate(images.cpu(), np.array(classes))
-        rows.append({"sigma_rel": snap.sigma_rel, "path": str(path), **report.to_dict()})
-    return rows
+@dataclass
+class DigitsQuality:
+    """Sample-quality metric of an 8x8 digits snapshot, for `edm2.posthoc.ema_sweep`: samples
+    `num_samples` digits (seed i has class i % 10, the same seeds for every snapshot) with `num_steps`
+    Heun steps and returns the judge's Frechet distance `fd` (lower is better) and class `accuracy`."""
 
+    judge: DigitsJudge
+    num_samples: int = 500
+    num_steps: int = 32
+    device: str = "cpu"
 
-def plot_quality(rows: list[dict], path: Path, title: str) -> None:
-    """Frechet distance and accuracy against EMA length (the paper's Figure 5a, for digits)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    stds = [r["sigma_rel"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.plot(stds, [r["fd"] for r in rows], "o-", color="tab:blue", label="Frechet distance (lower is better)")
-    best = min(rows, key=lambda r: r["fd"])
-    ax.plot([best["sigma_rel"]], [best["fd"]], "*", ms=14, color="tab:red",
-            label=f"best sigma_rel {best['sigma_rel']:.3f}")
-    ax.set_xlabel("EMA length sigma_rel")
-    ax.set_ylabel("Frechet distance (classifier features)")
-    ax2 = ax.twinx()
-    ax2.plot(stds, [100 * r["accuracy"] for r in rows], "s--", color="tab:green", label="class accuracy %")
-    ax2.set_ylabel("samples recognised as their class (%)")
-    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(lines, [h.get_label() for h in lines], loc="upper center", fontsize=8)
-    ax.set_title(title)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    def __call__(self, path: Path) -> dict[str, float]:
+        net, _ = load_network(path, self.device)
+        if (net.img_resolution, net.img_channels, net.label_dim) != (8, 1, 10):
+            raise ValueError(f"{path}: the digits metric needs an 8x8 grayscale model with 10 classes, this one is "
+                             f"{net.img_resolution}x{net.img_resolution}x{net.img_channels} with {net.label_dim}")
+        seeds = list(range(self.num_samples))
+        classes = [s % 10 for s in seeds]
+        images, _ = sample_batch(net, seeds, class_idx=classes, num_steps=self.num_steps, device=self.device)
+        report = self.judge.evaluate(images.cpu(), np.array(classes))
+        return {"fd": report.fd, "accuracy": report.accuracy}
 
 
 def run_demo(outdir: str | Path, duration: int | None = None, num_samples: int = 500, num_steps: int = 32,
@@ -78,17 +60,20 @@ def run_demo(outdir: str | Path, duration: int | None = None, num_samples: int =
         return {"status": result["status"]}
     t_train = time.time() - t0
 
-    echo(f"[2/4] post-hoc EMA reconstruction for sigma_rel {', '.join(f'{s:.3f}' for s in stds)} ...")
-    recon = posthoc_reconstruct(outdir / "run", outdir / "posthoc", stds)
-
-    echo(f"[3/4] judging {num_samples} samples per EMA length with a classifier trained on real digits ...")
+    errors = reconstruction_errors(outdir / "run", stds)
+    unsupported = [s for s in stds if not errors[float(s)] <= DEFAULT_MAX_ERROR]
+    if unsupported:
+        echo(f"note: skipping sigma_rel {', '.join(f'{s:.3f}' for s in unsupported)}: too few snapshots to "
+             f"reconstruct them (profile error above {DEFAULT_MAX_ERROR}); train longer for the full sweep")
+        stds = [s for s in stds if s not in unsupported]
+    echo(f"[2-3/4] post-hoc EMA reconstruction for sigma_rel {', '.join(f'{s:.3f}' for s in stds)}, judging "
+         f"{num_samples} samples per EMA length with a classifier trained on real digits ...")
     judge = DigitsJudge()
-    rows = sweep_quality([Path(r["path"]) for r in recon], judge, num_samples, num_steps)
-    for r, rec in zip(rows, recon):
-        r["profile_error"] = rec["profile_error"]
-    best = min(rows, key=lambda r: r["fd"])
     title = f"digits demo: quality vs EMA length ({result['nimg'] // 1000} kimg)"
-    plot_quality(rows, outdir / "ema_quality.png", title)
+    sweep = ema_sweep(outdir / "run", outdir / "posthoc", stds, DigitsQuality(judge, num_samples, num_steps),
+                      key="fd", json_path=None, plot_path=(outdir / "ema_quality.png").absolute(), secondary="accuracy",
+                      title=title)
+    rows, best = sweep.rows, sweep.best
 
     echo("[4/4] writing a 10x10 grid, one row per class, from the best EMA ...")
     net, _ = load_network(best["path"])

@@ -12,9 +12,11 @@ import numpy as np
 import torch
 
 from edm2.data import to_uint8
+from edm2.distributed import world_info
+from edm2.layers import fast_paths
 from edm2.sampling import StackedRandomGenerator, edm_sampler
 
-__all__ = ["parse_seeds", "sample_batch", "generate_images", "save_png", "make_grid"]
+__all__ = ["parse_seeds", "sample_batch", "generate_images", "save_png", "make_grid", "prepare_network"]
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -95,6 +97,16 @@ def make_grid(images: torch.Tensor, cols: int | None = None, scale: int = 1) -> 
     return grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
 
 
+def prepare_network(net: torch.nn.Module, precision: str = "fp32", compile: bool = False) -> torch.nn.Module:
+    """`net` (a Precond) set up for sampling: eval mode without gradients, the U-Net at `precision`
+    ('fp32', 'bf16', 'fp16'), channels_last with low precision (where it pays), optionally torch.compile'd.
+    Check the precision against the device first (`edm2.networks.resolve_precision`)."""
+    net = net.eval().requires_grad_(False).set_precision(precision)
+    if precision != "fp32":
+        net = net.to(memory_format=torch.channels_last)
+    return torch.compile(net) if compile else net
+
+
 def generate_images(
     net: torch.nn.Module,
     seeds: Sequence[int],
@@ -102,33 +114,66 @@ def generate_images(
     batch_size: int = 64,
     grid: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
-    **sample_kwargs,
+    class_idx: int | Sequence[int] | None = None,
+    gnet: torch.nn.Module | None = None,
+    guidance: float = 1.0,
+    num_steps: int = 32,
+    S_churn: float = 0.0,
+    S_min: float = 0.0,
+    S_max: float = float("inf"),
+    S_noise: float = 1.0,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    compile: bool = False,
 ) -> torch.Tensor:
     """Sample `seeds` in batches, write `<outdir>/<seed:06d>.png` per seed and an optional grid PNG.
-    Returns all images [N, C, H, W] in [-1, 1]. `sample_kwargs` go to `sample_batch`."""
+    Returns all images [N, C, H, W] in [-1, 1], in the order of `seeds`.
+
+    In a torch.distributed process group the batches are dealt out to the processes in turn; each writes
+    its own PNGs, and every process returns all images (rank 0 writes the grid). Images depend on their
+    seeds only, so they equal those of a single process. `precision` and `compile` go to
+    `prepare_network` (for `net` and `gnet`); anything but plain float32 eager also switches on the
+    fast attention and norm paths (edm2.layers.FAST_PATHS), which change results by rounding only.
+    """
     if not seeds:
         raise ValueError("no seeds given")
     if batch_size <= 0:
         raise ValueError(f"--batch must be positive, got {batch_size}")
-    class_idx = sample_kwargs.get("class_idx")
     label_dim = getattr(net, "label_dim", 0)
     if class_idx is not None and label_dim and not all(0 <= int(c) < label_dim for c in np.atleast_1d(class_idx)):
         raise ValueError(f"class {class_idx} outside 0..{label_dim - 1}")
+    per_seed = class_idx is not None and np.ndim(class_idx) > 0
+    if per_seed and len(class_idx) != len(seeds):
+        raise ValueError(f"{len(class_idx)} classes for {len(seeds)} seeds")
+    net = prepare_network(net, precision, compile)
+    gnet = None if gnet is None else prepare_network(gnet, precision, compile)
     if outdir is not None:
         Path(outdir).mkdir(parents=True, exist_ok=True)
-    out = []
-    for start in range(0, len(seeds), batch_size):
-        chunk = list(seeds[start:start + batch_size])
-        images, _ = sample_batch(net, chunk, **sample_kwargs)
-        images = images.cpu()
-        if outdir is not None:
-            for seed, image in zip(chunk, images):
-                save_png(Path(outdir) / f"{seed:06d}.png", image)
-        out.append(images)
+    rank, world = world_info()
+    starts = list(range(0, len(seeds), batch_size))[rank::world]
+    mine: dict[int, torch.Tensor] = {}
+    fast = precision != "fp32" or compile
+    with fast_paths(sdpa=fast, strided_norm=fast):
+        for done, start in enumerate(starts, 1):
+            chunk = list(seeds[start:start + batch_size])
+            classes = list(class_idx[start:start + batch_size]) if per_seed else class_idx
+            images, _ = sample_batch(net, chunk, class_idx=classes, gnet=gnet, guidance=guidance, num_steps=num_steps,
+                                     S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, device=device)
+            images = images.cpu()
+            if outdir is not None:
+                for seed, image in zip(chunk, images):
+                    save_png(Path(outdir) / f"{seed:06d}.png", image)
+            mine[start] = images
+            if progress is not None:
+                progress(min(done * batch_size * world, len(seeds)), len(seeds))
+    if world > 1:
+        parts: list = [None] * world
+        torch.distributed.all_gather_object(parts, mine)
+        mine = {k: v for part in parts for k, v in part.items()}
         if progress is not None:
-            progress(start + len(chunk), len(seeds))
-    images = torch.cat(out)
-    if grid is not None:
+            progress(len(seeds), len(seeds))
+    images = torch.cat([mine[k] for k in sorted(mine)])
+    if grid is not None and rank == 0:
         Path(grid).parent.mkdir(parents=True, exist_ok=True)
         save_png(grid, make_grid(images, scale=max(1, 64 // images.shape[-1])))
     return images

@@ -6,12 +6,54 @@ sets magnitudes (norms, weight normalization) runs in at least float32, whatever
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["normalize", "resample", "mp_silu", "mp_sum", "mp_cat", "MPFourier", "MPConv", "compute_dtype"]
+__all__ = ["normalize", "resample", "mp_silu", "mp_sum", "mp_cat", "MPFourier", "MPConv", "compute_dtype",
+           "FastPaths", "FAST_PATHS", "fast_paths", "no_autocast", "force_weight_normalization_"]
+
+
+@dataclasses.dataclass
+class FastPaths:
+    """Process-wide switches for the fast paths. The defaults keep float32 results bit-identical to the
+    plain code (the path the golden tests check); `sdpa` changes results by float rounding only.
+
+    - `weight_cache`: in eval mode, when no gradient is needed, MPConv reuses its normalized, scaled
+      weight until the weight (or a Parameter gain) changes in place, moves, or the module is put back
+      in training mode. Same numbers, one weight normalization per sampling run instead of one per step.
+    - `sdpa`: the cosine attention of `Block` uses torch.nn.functional.scaled_dot_product_attention
+      instead of the explicit einsum/softmax form.
+    - `strided_norm`: `normalize` over axes that exclude the innermost one (the pixel norm over
+      channels, the per-head norm of attention) as a float32 sum of squares instead of
+      torch.linalg.vector_norm, which is slow for strided reductions on CPU.
+    """
+
+    weight_cache: bool = True
+    sdpa: bool = False
+    strided_norm: bool = False
+
+
+FAST_PATHS = FastPaths()
+
+
+@contextlib.contextmanager
+def fast_paths(weight_cache: bool | None = None, sdpa: bool | None = None,
+               strided_norm: bool | None = None) -> Iterator[FastPaths]:
+    """Temporarily change FAST_PATHS (None leaves a switch as it is); restores the old values on exit."""
+    old = dataclasses.replace(FAST_PATHS)
+    new = {"weight_cache": weight_cache, "sdpa": sdpa, "strided_norm": strided_norm}
+    for name, value in new.items():
+        if value is not None:
+            setattr(FAST_PATHS, name, bool(value))
+    try:
+        yield FAST_PATHS
+    finally:
+        for name in new:
+            setattr(FAST_PATHS, name, getattr(old, name))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -19,11 +61,26 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context that switches autocast off on `device` when it is on (it keeps float32 math float32)."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def normalize(x: torch.Tensor, dim: int | Sequence[int] | None = None, eps: float = 1e-4) -> torch.Tensor:
     """Scale `x` to unit RMS over `dim` (default: all but the first), i.e. x / (eps + ||x|| / sqrt(n))."""
     if dim is None:
         dim = list(range(1, x.ndim))
-    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=compute_dtype(x.dtype))
+    dims = [d % x.ndim for d in ([dim] if isinstance(dim, int) else dim)]
+    if FAST_PATHS.strided_norm and x.ndim - 1 not in dims:
+        # Reductions over a non-innermost axis (pixel norm over channels, attention heads) are many times
+        # faster as a sum of squares than through vector_norm on CPU; the clamp keeps the gradient of an
+        # all-zero slice at 0 (as vector_norm's) instead of NaN, and is far below eps otherwise.
+        sum_sq = x.to(compute_dtype(x.dtype)).square().sum(dim=dims, keepdim=True)
+        norm = sum_sq.clamp_min(1e-30).sqrt()
+    else:
+        norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=compute_dtype(x.dtype))
     norm = torch.add(eps, norm, alpha=float(np.sqrt(norm.numel() / x.numel())))
     return x / norm.to(x.dtype)
 
@@ -77,8 +134,9 @@ class MPFourier(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(x.dtype)
-        y = x.to(dtype).ger(self.freqs.to(dtype)) + self.phases.to(dtype)
-        return (y.cos() * np.sqrt(2)).to(x.dtype)
+        with no_autocast(x.device):  # phases of cos() need float32 or better
+            y = x.to(dtype).ger(self.freqs.to(dtype)) + self.phases.to(dtype)
+            return (y.cos() * np.sqrt(2)).to(x.dtype)
 
 
 class MPConv(torch.nn.Module):
@@ -87,6 +145,10 @@ class MPConv(torch.nn.Module):
     In training mode the stored weight is first overwritten by its normalized self (forced weight
     normalization, EDM2 Section 2.3); the weight used is normalized again, so gradients stay tangent to
     the unit sphere. Output is scaled by gain / sqrt(fan_in).
+
+    Code compiled by torch.compile does not write the stored weight (inductor would drop the write):
+    call `force_weight_normalization_` on the module before each training-mode forward of a compiled
+    network, which gives the eager results.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int]) -> None:
@@ -94,14 +156,62 @@ class MPConv(torch.nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
+        self._weight_cache: tuple[tuple, torch.Tensor] | None = None  # (key, effective weight); not state
 
     def forward(self, x: torch.Tensor, gain: float | torch.Tensor = 1.0) -> torch.Tensor:
-        w = self.weight.to(compute_dtype(self.weight.dtype))
-        if self.training:
-            with torch.no_grad():
-                self.weight.copy_(normalize(w))  # forced weight normalization (w aliases the weight)
-        w = normalize(w)
-        w = (w * (gain / np.sqrt(w[0].numel()))).to(x.dtype)
+        key = self._cache_key(x.dtype, gain)
+        if key is None:
+            w = self._effective_weight(x.dtype, gain)
+        elif self._weight_cache is not None and self._weight_cache[0] == key:
+            w = self._weight_cache[1]
+        else:
+            w = self._effective_weight(x.dtype, gain)
+            self._weight_cache = (key, w)
         if w.ndim == 2:
             return x @ w.t()
         return torch.nn.functional.conv2d(x, w, padding=(w.shape[-1] // 2,))
+
+    def _effective_weight(self, dtype: torch.dtype, gain: float | torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(compute_dtype(self.weight.dtype))
+        if self.training and not torch.compiler.is_compiling():
+            self.force_normalize_()  # w aliases the weight, so it is normalized too
+        w = normalize(w)
+        return (w * (gain / np.sqrt(w[0].numel()))).to(dtype)
+
+    @torch.no_grad()
+    def force_normalize_(self) -> None:
+        """Forced weight normalization: overwrite the stored weight by its normalized self."""
+        w = self.weight.to(compute_dtype(self.weight.dtype))
+        self.weight.copy_(normalize(w))
+
+    def _cache_key(self, dtype: torch.dtype, gain: float | torch.Tensor) -> tuple | None:
+        """What the effective weight depends on, or None when it must not be cached: training mode, a
+        gradient needed, torch.compile tracing, a gain that is neither a number nor a Parameter."""
+        weight = self.weight
+        if self.training or not FAST_PATHS.weight_cache or torch.compiler.is_compiling() or weight.is_inference():
+            return None
+        grad = torch.is_grad_enabled()
+        if grad and weight.requires_grad:
+            return None
+        if isinstance(gain, torch.nn.Parameter):
+            if (grad and gain.requires_grad) or gain.is_inference():
+                return None
+            gain_key = ("param", id(gain), gain.data_ptr(), gain._version)
+        elif isinstance(gain, (int, float)):
+            gain_key = ("number", float(gain))
+        else:
+            return None
+        return (weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape), dtype,
+                gain_key)
+
+    def train(self, mode: bool = True) -> MPConv:
+        self._weight_cache = None
+        return super().train(mode)
+
+
+def force_weight_normalization_(module: torch.nn.Module) -> None:
+    """Forced weight normalization of every MPConv in `module` that is in training mode, as each does at the
+    start of an eager training-mode forward. Needed before every training forward of a compiled network."""
+    for m in module.modules():
+        if isinstance(m, MPConv) and m.training:
+            m.force_normalize_()

@@ -11,12 +11,44 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from edm2.layers import MPConv, MPFourier, compute_dtype, mp_cat, mp_silu, mp_sum, normalize, resample
+from edm2.layers import (
+    FAST_PATHS,
+    MPConv,
+    MPFourier,
+    compute_dtype,
+    mp_cat,
+    mp_silu,
+    mp_sum,
+    no_autocast,
+    normalize,
+    resample,
+)
 
 __all__ = [
-    "Block", "UNet", "Precond",
+    "Block", "UNet", "Precond", "PRECISIONS", "LOW_PRECISION_DTYPES", "resolve_precision",
     "normalize", "resample", "mp_silu", "mp_sum", "mp_cat", "MPFourier", "MPConv",
 ]
+
+
+# Precisions of the U-Net's activations (Precond.set_precision); preconditioning, the uncertainty head,
+# Fourier features, weight and activation norms stay float32 in every one of them.
+PRECISIONS = ("fp32", "bf16", "fp16")
+LOW_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str | None, device: torch.device, use_fp16: bool = False) -> str:
+    """The precision to run in: `precision` checked against the device, or the default for None
+    (float16 on CUDA for networks built with use_fp16, as the official code; float32 otherwise)."""
+    if precision is None:
+        return "fp16" if use_fp16 and device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"--precision fp16 needs a CUDA device (float16 with loss scaling is not supported on "
+                         f"{device.type}); use --precision bf16 or fp32")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("--precision bf16 is not supported by this CUDA device; use --precision fp16 or fp32")
+    return precision
 
 
 class Block(torch.nn.Module):
@@ -89,8 +121,11 @@ class Block(torch.nn.Module):
         y = self.attn_qkv(x)
         y = y.reshape(y.shape[0], self.num_heads, -1, 3, y.shape[2] * y.shape[3])
         q, k, v = normalize(y, dim=2).unbind(3)
-        w = torch.einsum("nhcq,nhck->nhqk", q, k / np.sqrt(q.shape[2])).softmax(dim=3)
-        y = torch.einsum("nhqk,nhck->nhcq", w, v)
+        if FAST_PATHS.sdpa:  # the same math by the fused kernel, on [n, head, pixel, channel] views
+            y = torch.nn.functional.scaled_dot_product_attention(q.mT, k.mT, v.mT).mT
+        else:
+            w = torch.einsum("nhcq,nhck->nhqk", q, k / np.sqrt(q.shape[2])).softmax(dim=3)
+            y = torch.einsum("nhqk,nhck->nhcq", w, v)
         return self.attn_proj(y.reshape(*x.shape))
 
 
@@ -228,6 +263,24 @@ class Precond(torch.nn.Module):
         )
         self.logvar_fourier = MPFourier(logvar_channels)
         self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
+        self.precision: str | None = None
+
+    def set_precision(self, precision: str | None) -> Precond:
+        """Run the U-Net in 'fp32', 'bf16' or 'fp16' (under torch.autocast, on activations of that dtype).
+        None restores the default: float16 on CUDA when `use_fp16` (as the official code), else float32.
+        Whether the device supports the dtype is the caller's business (see `edm2.training`)."""
+        if precision is not None and precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        self.precision = precision
+        return self
+
+    def _unet_dtype(self, device: torch.device, dtype: torch.dtype, force_fp32: bool) -> torch.dtype | None:
+        """The low-precision dtype of the U-Net for this call, or None for `dtype` itself."""
+        if force_fp32 or dtype != torch.float32:
+            return None
+        if self.precision is None:
+            return torch.float16 if self.use_fp16 and device.type == "cuda" else None
+        return LOW_PRECISION_DTYPES.get(self.precision)
 
     def forward(
         self,
@@ -253,19 +306,25 @@ class Precond(torch.nn.Module):
             class_labels = torch.zeros([1, self.label_dim], device=x.device, dtype=dtype)
         else:
             class_labels = class_labels.to(dtype).reshape(-1, self.label_dim)
-        use_half = self.use_fp16 and not force_fp32 and x.device.type == "cuda" and dtype == torch.float32
-        net_dtype = torch.float16 if use_half else dtype
+        low = self._unet_dtype(x.device, dtype, force_fp32)
 
-        # Preconditioning (EDM Table 1).
+        # Preconditioning (EDM Table 1), in `dtype`: elementwise math, which autocast leaves alone.
         c_skip = self.sigma_data**2 / (sigma**2 + self.sigma_data**2)
         c_out = sigma * self.sigma_data / (sigma**2 + self.sigma_data**2).sqrt()
         c_in = 1 / (self.sigma_data**2 + sigma**2).sqrt()
         c_noise = sigma.flatten().log() / 4
 
-        F_x = self.unet((c_in * x).to(net_dtype), c_noise, class_labels)
+        if low is None:
+            F_x = self.unet(c_in * x, c_noise, class_labels)
+        elif self.precision is None:  # the official use_fp16: float16 activations, no autocast
+            F_x = self.unet((c_in * x).to(low), c_noise, class_labels)
+        else:
+            with torch.autocast(x.device.type, dtype=low):
+                F_x = self.unet((c_in * x).to(low), c_noise, class_labels)
         D_x = c_skip * x + c_out * F_x.to(dtype)
         if return_logvar:
-            logvar = self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
+            with no_autocast(x.device):  # the uncertainty head stays float32 under any outer autocast
+                logvar = self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
             return D_x, logvar
         return D_x
 

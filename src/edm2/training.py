@@ -15,8 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edm2.distributed import resolve_device, world_info
+from edm2.posthoc import PosthocEMA
+
 __all__ = ["learning_rate_schedule", "make_adam", "sanitize_gradients", "ADAM_BETAS", "ADAM_EPS",
-           "TrainOptions", "RunConfig", "resolve_run", "train", "find_checkpoints", "snapshot_name"]
+           "TrainOptions", "RunConfig", "resolve_run", "train", "find_checkpoints"]
 
 ADAM_BETAS = (0.9, 0.99)
 ADAM_EPS = 1e-8
@@ -74,6 +77,8 @@ class TrainOptions:
     ema_stds: tuple[float, ...] | None = None
     seed: int = 0
     device: str = "auto"
+    precision: str | None = None  # fp32, bf16 or fp16; None: fp16 on CUDA for use_fp16 presets, else fp32
+    compile: bool = False  # torch.compile the network
 
 
 @dataclass(frozen=True)
@@ -97,9 +102,13 @@ class RunConfig:
     status: int
     snapshot: int
     checkpoint: int
+    precision: str = "fp32"
+    compile: bool = False
+    processes: int = 1
 
-    # Fields that may change between a run and its resumption.
-    MUTABLE = ("duration", "status", "snapshot", "checkpoint", "batch_gpu")
+    # Fields that may change between a run and its resumption (the number of processes too: the data
+    # stream, the noise and the optimizer state do not depend on it).
+    MUTABLE = ("duration", "status", "snapshot", "checkpoint", "batch_gpu", "precision", "compile", "processes")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -108,14 +117,10 @@ class RunConfig:
         return {k: v for k, v in self.to_dict().items() if k not in self.MUTABLE}
 
 
-def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def resolve_run(opts: TrainOptions, dataset) -> RunConfig:
-    """Combine options, preset and dataset into a RunConfig; ValueError for inconsistent requests."""
+def resolve_run(opts: TrainOptions, dataset, world: int | None = None) -> RunConfig:
+    """Combine options, preset and dataset into a RunConfig; ValueError for inconsistent requests.
+    `world` is the number of processes (default: that of the current process group)."""
+    from edm2.networks import resolve_precision
     from edm2.presets import get_preset
 
     preset = get_preset(opts.preset)
@@ -127,12 +132,16 @@ def resolve_run(opts: TrainOptions, dataset) -> RunConfig:
     if opts.cond and not dataset.has_labels:
         raise ValueError(f"--cond needs labels but dataset {dataset.name} has none; add dataset.json labels "
                          "or train with --uncond")
-    _, world = _world()
+    world = world_info()[1] if world is None else world
     batch = opts.batch or tr.batch_size
     batch_gpu = opts.batch_gpu or batch // world
+    if batch > 0 and batch % world != 0:
+        raise ValueError(f"--batch {batch} cannot be split over {world} processes; use a number of processes that "
+                         "divides it")
     if batch <= 0 or batch_gpu <= 0 or batch % (world * batch_gpu) != 0:
         raise ValueError(f"--batch {batch} must be a positive multiple of processes ({world}) x --batch-gpu "
                          f"({batch_gpu})")
+    precision = resolve_precision(opts.precision, resolve_device(opts.device), net.use_fp16)
     net = dataclasses.replace(net, label_dim=dataset.num_classes if opts.cond else 0,
                               dropout=net.dropout if opts.dropout is None else opts.dropout)
     pick = lambda v, d: d if v is None else v  # noqa: E731
@@ -142,7 +151,8 @@ def resolve_run(opts: TrainOptions, dataset) -> RunConfig:
         P_mean=pick(opts.P_mean, tr.P_mean), P_std=pick(opts.P_std, tr.P_std),
         ema_stds=tuple(pick(opts.ema_stds, tr.ema_stds)), seed=opts.seed, duration=pick(opts.duration, tr.duration),
         status=pick(opts.status, tr.status), snapshot=pick(opts.snapshot, tr.snapshot),
-        checkpoint=pick(opts.checkpoint, tr.checkpoint),
+        checkpoint=pick(opts.checkpoint, tr.checkpoint), precision=precision, compile=bool(opts.compile),
+        processes=world,
     )
     for name in ("duration", "status", "snapshot", "checkpoint"):
         if getattr(run, name) <= 0:
@@ -150,10 +160,6 @@ def resolve_run(opts: TrainOptions, dataset) -> RunConfig:
     if run.lr <= 0 or run.P_std <= 0:
         raise ValueError(f"--lr and --P-std must be positive, got lr={run.lr}, P_std={run.P_std}")
     return run
-
-
-def snapshot_name(nimg: int, sigma_rel: float) -> str:
-    return f"snapshot-{nimg:010d}-{sigma_rel:.3f}.safetensors"
 
 
 def find_checkpoints(outdir: str | Path) -> list[Path]:
@@ -183,25 +189,38 @@ def _prepare_outdir(outdir: Path, run: RunConfig) -> bool:
 
 
 def _save_checkpoint(outdir: Path, nimg: int, run: RunConfig, net: torch.nn.Module,
-                     optimizer: torch.optim.Optimizer, ema) -> None:
+                     optimizer: torch.optim.Optimizer, ema: PosthocEMA,
+                     scaler: torch.amp.GradScaler | None = None) -> None:
     from edm2.checkpoint import save_tensors
 
     tensors = {f"net/{k}": v for k, v in net.state_dict().items()}
     tensors.update({f"ema/{k}": v for k, v in ema.state_dict().items()})
     for i, st in optimizer.state_dict()["state"].items():
         tensors.update({f"adam/{i}/{k}": torch.as_tensor(v) for k, v in st.items()})
+    if scaler is not None and scaler.is_enabled():
+        st = scaler.state_dict()
+        tensors["scaler/scale"] = torch.tensor(float(st["scale"]), dtype=torch.float64)
+        tensors["scaler/growth_tracker"] = torch.tensor(int(st["_growth_tracker"]), dtype=torch.int64)
     save_tensors(outdir / f"checkpoint-{nimg:010d}.safetensors", tensors,
                  {"kind": "checkpoint", "nimg": nimg, "run": run.to_dict()})
     for old in find_checkpoints(outdir)[:-2]:  # keep the two newest
         old.unlink(missing_ok=True)
 
 
-def _load_checkpoint(path: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer, ema) -> int:
+def _load_checkpoint(path: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: PosthocEMA | None,
+                     scaler: torch.amp.GradScaler | None = None) -> int:
+    """Restore the training state; `ema` may be None (only rank 0 tracks the averages)."""
     from edm2.checkpoint import load_tensors
 
     tensors, meta = load_tensors(path, kind="checkpoint")
     net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net/")}, strict=True)
-    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema/")})
+    if ema is not None:
+        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema/")})
+    if scaler is not None and scaler.is_enabled() and "scaler/scale" in tensors:
+        scaler.load_state_dict({"scale": float(tensors["scaler/scale"]),
+                                "_growth_tracker": int(tensors["scaler/growth_tracker"]),
+                                **{k: v for k, v in scaler.state_dict().items()
+                                   if k not in ("scale", "_growth_tracker")}})
     state: dict[int, dict] = {}
     for k, v in tensors.items():
         if k.startswith("adam/"):
@@ -241,49 +260,95 @@ def _step_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
+def _prepare_outdir_on_rank0(outdir: Path, run: RunConfig, rank: int, world: int) -> tuple[bool, str | None]:
+    """Rank 0 validates (and creates) the out-dir and finds the newest checkpoint; every other process
+    waits for its verdict, so all raise the same error or all go ahead. Returns (resuming, checkpoint)."""
+    from edm2.checkpoint import atomic_write_text
+
+    verdict: list = [None, False, None]  # error, resuming, checkpoint path
+    if rank == 0:
+        try:
+            resuming = _prepare_outdir(outdir, run)
+            checkpoints = find_checkpoints(outdir) if resuming else []
+            outdir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(outdir / "training_options.json", json.dumps(run.to_dict(), indent=2) + "\n")
+            verdict = [None, resuming, str(checkpoints[-1]) if checkpoints else None]
+        except (ValueError, OSError) as e:
+            verdict = [f"{e}", False, None]
+    if world > 1:
+        torch.distributed.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise ValueError(verdict[0])
+    return verdict[1], verdict[2]
+
+
+STOP_NONE, STOP_PAUSE, STOP_SIGNAL = 0, 1, 2
+
+
+def _agree_on_stop(code: int, world: int, device: torch.device) -> int:
+    """The strongest stop request of any process (all-reduced), so that every process stops at one step."""
+    if world == 1:
+        return code
+    flag = torch.tensor([code], dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return int(flag.item())
+
+
 def train(opts: TrainOptions, progress: bool = True, max_steps: int | None = None) -> dict:
     """Train (or resume) the run in `opts.outdir`. Returns a summary dict.
 
     Everything about the run is validated before the output folder is touched. Re-running with the same
     options continues from the newest checkpoint; SIGINT/SIGTERM checkpoint and stop cleanly.
     `max_steps` stops after that many optimizer steps in this call (for tests and benchmarks).
+
+    Inside a torch.distributed process group (see `distributed`), the global batch is split over the
+    processes: each computes `batch_gpu` images per accumulation round at its own positions of the one
+    global data stream, with its slice of the noise drawn for the whole global batch, so that the run
+    equals a single-process run up to float summation order, and resumes under any number of processes.
+    Rank 0 writes every file; the others wait for its out-dir verdict and agree on stop requests.
     """
     from tqdm import tqdm
 
-    from edm2.checkpoint import Snapshot, atomic_write_text, save_snapshot
     from edm2.data import InfiniteSampler, open_dataset
-    from edm2.ema import PowerFunctionEMA
+    from edm2.layers import fast_paths, force_weight_normalization_
     from edm2.losses import EDM2Loss, sample_sigma
     from edm2.networks import Precond
     from edm2.presets import NetworkConfig
 
     dataset = open_dataset(opts.data)
     run = resolve_run(opts, dataset)
-    rank, world = _world()
+    rank, world = world_info()
+    device = resolve_device(opts.device)
     outdir = Path(opts.outdir)
-    resuming = _prepare_outdir(outdir, run)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else opts.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", torch.cuda.current_device())
+    resuming, checkpoint = _prepare_outdir_on_rank0(outdir, run, rank, world)
 
-    # Model, optimizer, EMA, loss. The seed fixes the initial weights.
+    # Model, optimizer, EMA (rank 0 only: it alone writes snapshots), loss. The seed fixes the weights.
     torch.manual_seed(run.seed)
-    net = Precond(**run.network).train().requires_grad_(True).to(device)
+    low_precision = run.precision != "fp32"
+    net = Precond(**run.network).train().requires_grad_(True).set_precision(run.precision)
+    # channels_last pays with low-precision convolutions (oneDNN/AMX on CPU, tensor cores on CUDA), not in
+    # float32 on CPU (docs/benchmarks.md).
+    net = net.to(device, memory_format=torch.channels_last if low_precision else torch.contiguous_format)
     ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) \
         if world > 1 else net
-    optimizer = make_adam(net.parameters(), fused=device.type == "cuda" or None)
-    ema = PowerFunctionEMA(net, run.ema_stds)
+    model = torch.compile(ddp) if run.compile else ddp
+    if device.type == "cuda":
+        optimizer = make_adam(net.parameters(), fused=True)
+    else:
+        optimizer = make_adam(net.parameters(), foreach=True)
+    # fp16: dynamic loss scaling, starting where the official code trains (scale 1); the scale doubles after
+    # 2000 steps without overflow and halves (skipping the step) on one.
+    scaler = torch.amp.GradScaler(device.type, init_scale=1.0, enabled=run.precision == "fp16")
+    info = {"preset": run.preset, "dataset": run.dataset, "data": run.data}
+    ema = PosthocEMA(net, outdir, run.ema_stds, snapshot_every=run.snapshot,
+                     network=NetworkConfig.from_dict(run.network), info=info, rank=rank) if rank == 0 else None
     loss_fn = EDM2Loss(P_mean=run.P_mean, P_std=run.P_std, sigma_data=net.sigma_data)
     sampler = InfiniteSampler(len(dataset), run.seed)
     num_accum = run.batch // (world * run.batch_gpu)
 
     cur_nimg = 0
-    checkpoints = find_checkpoints(outdir) if resuming else []
-    if checkpoints:
-        cur_nimg = _load_checkpoint(checkpoints[-1], net, optimizer, ema)
-    if rank == 0:
-        outdir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(outdir / "training_options.json", json.dumps(run.to_dict(), indent=2) + "\n")
+    if checkpoint is not None:
+        cur_nimg = _load_checkpoint(Path(checkpoint), net, optimizer, ema, scaler)
     log = (outdir / "log.txt").open("a") if rank == 0 else None
 
     def say(msg: str) -> None:
@@ -292,14 +357,8 @@ def train(opts: TrainOptions, progress: bool = True, max_steps: int | None = Non
             log.flush()
 
     say(f"{'resuming at' if cur_nimg else 'starting'} {cur_nimg} images: preset {run.preset}, data {run.data}, "
-        f"batch {run.batch} ({world} process(es) x {run.batch_gpu} x {num_accum} accumulation), device {device}")
-
-    def write_snapshots(nimg: int) -> None:
-        info = {"preset": run.preset, "dataset": run.dataset, "data": run.data}
-        for std, sd in ema.state_dicts():
-            save_snapshot(outdir / snapshot_name(nimg, std),
-                          Snapshot(sd, NetworkConfig.from_dict(run.network), std, nimg, info))
-        say(f"snapshot at {nimg} images")
+        f"batch {run.batch} ({world} process(es) x {run.batch_gpu} x {num_accum} accumulation), device {device}, "
+        f"precision {run.precision}{', compiled' if run.compile else ''}")
 
     bar = tqdm(total=run.duration / 1000, initial=cur_nimg / 1000, unit="kimg", disable=not progress or rank != 0,
                bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}{postfix}]")
@@ -307,7 +366,10 @@ def train(opts: TrainOptions, progress: bool = True, max_steps: int | None = Non
     window_loss = torch.zeros([], device=device)
     window_steps, window_start, window_nimg = 0, time.time(), cur_nimg
     steps, status = 0, "finished"
-    with _StopRequest() as stop:
+    # Attention by SDPA and fast strided norms change float32 results by rounding only; the exact path
+    # stays in use for plain float32 eager training.
+    fast = low_precision or run.compile
+    with _StopRequest() as stop, fast_paths(sdpa=fast, strided_norm=fast):
         while cur_nimg < run.duration:
             # One optimizer step over the global batch, as num_accum micro-batches per process.
             lr = learning_rate_schedule(cur_nimg, run.batch, run.lr, run.decay, run.rampup_Mimg)
@@ -322,25 +384,31 @@ def train(opts: TrainOptions, progress: bool = True, max_steps: int | None = Non
                                     device=device, generator=gen)
             step_loss = torch.zeros([], device=device)
             for r in range(num_accum):
-                start = (r * world + rank) * run.batch_gpu
+                start = (r * world + rank) * run.batch_gpu  # position of this micro-batch in the global batch
                 part = slice(start, start + run.batch_gpu)
-                torch.manual_seed(_step_seed(run.seed, cur_nimg, rank, r))  # dropout
+                torch.manual_seed(_step_seed(run.seed, cur_nimg, start))  # dropout
                 images, labels = dataset.batch(sampler.indices(cur_nimg + start, run.batch_gpu), net.label_dim)
                 images = images.to(device)
                 labels = None if labels is None else labels.to(device)
+                if run.compile:
+                    force_weight_normalization_(net)  # compiled code does not write the weights itself
                 with ddp.no_sync() if world > 1 and r < num_accum - 1 else contextlib.nullcontext():
-                    loss = loss_fn(ddp, images, labels, sigma=sigma_all[part], noise=noise_all[part])
-                    loss.sum().mul(1 / (run.batch // world)).backward()
+                    loss = loss_fn(model, images, labels, sigma=sigma_all[part], noise=noise_all[part])
+                    scaler.scale(loss.sum().mul(1 / (run.batch // world))).backward()
                 step_loss += loss.detach().sum() / run.batch
+            scaler.unscale_(optimizer)  # no-op unless fp16 loss scaling is on
             sanitize_gradients(net.parameters())
-            optimizer.step()
+            scaler.step(optimizer)  # skips the step when fp16 gradients overflowed
+            scaler.update()
             cur_nimg += run.batch
-            ema.update(cur_nimg, run.batch)
+            done = cur_nimg >= run.duration
+            if ema is not None:  # snapshots at every multiple of run.snapshot, and at the end
+                if ema.update(cur_nimg) or (done and ema.save_snapshots()):
+                    say(f"snapshot at {cur_nimg} images")
             steps += 1
             window_loss += step_loss  # stays on the device; read at status time only
             window_steps += 1
 
-            done = cur_nimg >= run.duration
             bar.update(run.batch / 1000)
             if cur_nimg % run.status < run.batch or done:
                 if world > 1:
@@ -358,22 +426,24 @@ def train(opts: TrainOptions, progress: bool = True, max_steps: int | None = Non
                     say("loss is not finite")
                 window_loss.zero_()
                 window_steps, window_start, window_nimg = 0, time.time(), cur_nimg
-            if rank == 0 and (cur_nimg % run.snapshot < run.batch or done):
-                write_snapshots(cur_nimg)
-            interrupted = stop.requested or (max_steps is not None and steps >= max_steps)
-            if rank == 0 and (cur_nimg % run.checkpoint < run.batch or done or interrupted):
-                _save_checkpoint(outdir, cur_nimg, run, net, optimizer, ema)
-            if interrupted and not done:
-                status = "interrupted" if stop.requested else "paused"
+            stop_code = STOP_SIGNAL if stop.requested else STOP_NONE
+            if max_steps is not None and steps >= max_steps:
+                stop_code = max(stop_code, STOP_PAUSE)
+            stop_code = _agree_on_stop(stop_code, world, device)
+            if rank == 0 and (cur_nimg % run.checkpoint < run.batch or done or stop_code):
+                _save_checkpoint(outdir, cur_nimg, run, net, optimizer, ema, scaler)
+            if stop_code and not done:
+                status = "interrupted" if stop_code == STOP_SIGNAL else "paused"
                 say(f"{status} at {cur_nimg} images; run the same command again to resume")
                 break
     bar.close()
     if world > 1:
-        torch.distributed.barrier()
+        torch.distributed.barrier()  # the others wait for rank 0's last checkpoint
     if stats_file is not None:
         stats_file.close()
     if status == "finished":
         say(f"finished at {cur_nimg} images")
     if log is not None:
         log.close()
-    return {"status": status, "nimg": cur_nimg, "outdir": str(outdir), "steps": steps, "run": run.to_dict()}
+    return {"status": status, "nimg": cur_nimg, "outdir": str(outdir), "steps": steps, "run": run.to_dict(),
+            "rank": rank, "processes": world}
