@@ -79,7 +79,7 @@ def bench_training(net: Precond, preset, batch: int, device: torch.device, warmu
     labels = torch.nn.functional.one_hot(torch.randint(cfg.label_dim, [batch], device=device, generator=gen),
                                          cfg.label_dim).float()
     loss_fn = EDM2Loss(P_mean=tr.P_mean, P_std=tr.P_std, sigma_data=cfg.sigma_data)
-    opt = make_adam(net.parameters(), fused=device.type == "cuda" or None)  # as the training loop does
+    opt = make_adam(net.parameters(), fused=True)  # as the training loop does
     ema = PowerFunctionEMA(net, stds=tr.ema_stds)
     net.train().requires_grad_(True)
     cur_nimg = 0

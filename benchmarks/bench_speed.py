@@ -57,7 +57,7 @@ class Variant:
     sdpa: bool = False
     strided_norm: bool = False
     channels_last: bool = False
-    foreach: bool = False  # Adam over all tensors at once (fused on CUDA)
+    fused_adam: bool = False  # Adam in one fused kernel over all tensors (CPU and CUDA), as the trainer
     compile: bool = False
 
 
@@ -83,17 +83,17 @@ def sample_variants(low: str, with_compile: bool) -> list[Variant]:
 def train_variants(low: str, with_compile: bool) -> list[Variant]:
     out = [
         Variant("plain"),
-        Variant("foreach_adam", foreach=True),
+        Variant("fused_adam", fused_adam=True),
         Variant("sdpa+strided_norm", sdpa=True, strided_norm=True),
         Variant("channels_last", channels_last=True),
         Variant(low, precision=low),
         Variant(f"{low}+channels_last", precision=low, channels_last=True),
-        Variant("all_fp32", foreach=True, sdpa=True, strided_norm=True),
-        Variant("all", precision=low, channels_last=True, foreach=True, sdpa=True, strided_norm=True),
+        Variant("all_fp32", fused_adam=True, sdpa=True, strided_norm=True),
+        Variant("all", precision=low, channels_last=True, fused_adam=True, sdpa=True, strided_norm=True),
     ]
     if with_compile:
-        out += [Variant("compile_fp32", foreach=True, sdpa=True, strided_norm=True, compile=True),
-                Variant("all+compile", precision=low, channels_last=True, foreach=True, sdpa=True,
+        out += [Variant("compile_fp32", fused_adam=True, sdpa=True, strided_norm=True, compile=True),
+                Variant("all+compile", precision=low, channels_last=True, fused_adam=True, sdpa=True,
                         strided_norm=True, compile=True)]
     return out
 
@@ -220,10 +220,7 @@ def bench_sampling(base: Precond, v: Variant, plan: Plan, device: torch.device) 
 def bench_training(base: Precond, v: Variant, plan: Plan, device: torch.device, preset: str) -> tuple[dict, dict]:
     tr = get_preset(preset).training
     net, model = prepare(copy.deepcopy(base), v, train=True)
-    if device.type == "cuda":
-        opt = make_adam(net.parameters(), fused=True) if v.foreach else make_adam(net.parameters(), foreach=False)
-    else:
-        opt = make_adam(net.parameters(), foreach=v.foreach)
+    opt = make_adam(net.parameters(), fused=True) if v.fused_adam else make_adam(net.parameters(), foreach=False)
     scaler = torch.amp.GradScaler(device.type, init_scale=1.0, enabled=v.precision == "fp16")
     ema = PowerFunctionEMA(net, stds=tr.ema_stds)
     loss_fn = EDM2Loss(P_mean=tr.P_mean, P_std=tr.P_std, sigma_data=net.sigma_data)

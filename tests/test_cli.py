@@ -181,7 +181,8 @@ def test_generate_grid_and_class(loud_net_path, tmp_path):
                        "--batch", "4", *GEN))
     assert "wrote 4 images" in result.stdout
     img = read_png(grid)
-    assert img.shape == (128, 128)  # 2x2 tiles of 8x8, each pixel repeated 8 times
+    assert img.shape == (130, 130)  # 2x2 tiles of 8x8, each pixel repeated 8 times, a 2-pixel gap
+    assert (img[64:66] == 128).all() and (img[:, 64:66] == 128).all()  # mid-gray between the tiles
     assert [p.name for p in tmp_path.iterdir()] == ["sub"]
     # The class changes the images (for the same seeds).
     ok(invoke("generate", "--net", net_path, "--grid", tmp_path / "grid5.png", "--seeds", "0-3", "--class", "5",

@@ -61,6 +61,11 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
+def rank_results(folder: Path) -> list[dict]:
+    """The JSON result each rank of a test script wrote to `folder/rank<r>.json`, in rank order."""
+    return [json.loads((folder / f"rank{r}.json").read_text()) for r in range(2)]
+
+
 def final_state(outdir: Path, nimg: int = BASE["duration"]) -> dict[str, torch.Tensor]:
     tensors, meta = load_tensors(find_checkpoints(outdir)[-1], kind="checkpoint")
     assert meta["nimg"] == nimg
@@ -127,7 +132,8 @@ def schedule(cur_nimg, *args):
 T.learning_rate_schedule = schedule
 with distributed("cpu"):
     result = T.train(T.TrainOptions(outdir=sys.argv[1], **json.loads(sys.argv[2])), progress=False)
-print(json.dumps({"rank": rank, "status": result["status"], "nimg": result["nimg"]}))
+with open(f"{sys.argv[3]}/rank{rank}.json", "w") as f:  # one file per rank: stdout lines may interleave
+    json.dump({"rank": rank, "status": result["status"], "nimg": result["nimg"]}, f)
 """
 
 
@@ -136,9 +142,8 @@ def test_stop_request_on_one_rank_stops_all_then_resume_with_one_process(referen
     script = tmp_path / "interrupt.py"
     script.write_text(textwrap.dedent(INTERRUPT_SCRIPT))
     outdir = tmp_path / "stopped"
-    proc = ok(torchrun([str(script), str(outdir), json.dumps(BASE)]))
-    results = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")),
-                     key=lambda r: r["rank"])
+    ok(torchrun([str(script), str(outdir), json.dumps(BASE), str(tmp_path)]))
+    results = rank_results(tmp_path)
     assert results == [{"rank": 0, "status": "interrupted", "nimg": 64},
                        {"rank": 1, "status": "interrupted", "nimg": 64}]
     assert read_metadata(find_checkpoints(outdir)[-1])["nimg"] == 64
@@ -181,6 +186,64 @@ def test_distributed_generation_writes_the_single_process_images(reference_run: 
         assert np.array_equal(read_png(tmp_path / "two" / name), read_png(tmp_path / "one" / name)), name
     assert np.array_equal(read_png(tmp_path / "two.png"), read_png(tmp_path / "one.png"))
     assert len({read_png(tmp_path / "one" / n).tobytes() for n in names}) == 7
+
+
+POSTHOC_DDP_SCRIPT = """
+import json, sys
+import torch
+from edm2.distributed import distributed
+from edm2.posthoc import PosthocEMA
+
+def batches():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(6, 8, 4, generator=g)  # six steps, global batch 8
+
+def model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+
+outdir, mode = sys.argv[1], sys.argv[2]
+if mode == "single":
+    net = model()
+    wrapped, rank, world = net, 0, 1
+else:
+    ctx = distributed("cpu")
+    rank, world = ctx.__enter__()
+    net = model()
+    wrapped = torch.nn.parallel.DistributedDataParallel(net)
+opt = torch.optim.SGD(wrapped.parameters(), lr=0.5)
+ema = PosthocEMA(wrapped, outdir, stds=(0.05, 0.10), snapshot_every=2)
+written = []
+for step, x in enumerate(batches(), 1):
+    part = x.chunk(world)[rank]  # this process's share of the global batch
+    loss = wrapped(part).square().mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    written += [p.rsplit("/", 1)[-1] for p in map(str, ema.update(step))]
+if len(sys.argv) > 3:  # one file per rank: stdout lines of two processes may interleave
+    with open(f"{sys.argv[3]}/rank{rank}.json", "w") as f:
+        json.dump({"rank": rank, "written": written}, f)
+"""
+
+
+def test_posthoc_ema_of_a_ddp_model_writes_once_and_equals_one_process(tmp_path: Path) -> None:
+    script = tmp_path / "posthoc_ddp.py"
+    script.write_text(textwrap.dedent(POSTHOC_DDP_SCRIPT))
+    single = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "single"], capture_output=True,
+                            text=True, timeout=60)
+    assert single.returncode == 0, single.stderr
+    ok(torchrun([str(script), str(tmp_path / "two"), "ddp", str(tmp_path)]))
+    results = rank_results(tmp_path)
+    names = [f"snapshot-{t:010d}-{s:.3f}.safetensors" for t in (2, 4, 6) for s in (0.05, 0.10)]
+    assert results == [{"rank": 0, "written": names}, {"rank": 1, "written": []}]  # rank 0 alone writes
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == names
+    for name in names:
+        a, b = load_tensors(tmp_path / "two" / name)[0], load_tensors(tmp_path / "one" / name)[0]
+        assert sorted(a) == ["0.bias", "0.weight", "2.bias", "2.weight"]  # no "module." prefix
+        assert_close_states(a, b)
+    first, last = (load_tensors(tmp_path / "two" / n)[0] for n in (names[0], names[-2]))
+    assert not torch.allclose(first["0.weight"], last["0.weight"])  # the averages follow training
 
 
 def test_batch_not_divisible_by_processes_is_one_line_error(tmp_path: Path) -> None:

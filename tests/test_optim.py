@@ -57,7 +57,8 @@ def test_make_adam_settings():
     assert group["params"] == [p]
 
 
-def test_make_adam_step_matches_hand_computed():
+@pytest.mark.parametrize("fused", [None, True], ids=["default", "fused"])  # the trainer uses fused=True
+def test_make_adam_step_matches_hand_computed(fused):
     # Three steps with different gradients, including tiny entries where eps matters and a sign flip;
     # the learning rate changes between steps the way the training loop sets it.
     grads = torch.tensor([
@@ -68,7 +69,7 @@ def test_make_adam_step_matches_hand_computed():
     lrs = [0.01, 0.02, 0.005]
     theta0 = torch.tensor([1.0, -0.5, 0.25, 2.0, 0.0], dtype=torch.float64)
     p = torch.nn.Parameter(theta0.clone())
-    opt = make_adam([p], lr=lrs[0])
+    opt = make_adam([p], lr=lrs[0], fused=fused)
 
     b1, b2, eps = 0.9, 0.99, 1e-8
     m = np.zeros(5)
@@ -92,9 +93,10 @@ def test_make_adam_step_matches_hand_computed():
     assert not np.allclose(theta, theta0.numpy())
 
 
-def test_make_adam_float32_step():
+@pytest.mark.parametrize("fused", [None, True], ids=["default", "fused"])
+def test_make_adam_float32_step(fused):
     p = torch.nn.Parameter(torch.tensor([1.0, -1.0, 0.5]))
-    opt = make_adam([p], lr=0.01)
+    opt = make_adam([p], lr=0.01, fused=fused)
     p.grad = torch.tensor([0.3, -0.2, 1e-8])
     opt.step()
     g = np.array([0.3, -0.2, 1e-8])

@@ -374,6 +374,15 @@ def test_cli_ema_sweep_on_a_digits_run(trained_run, tmp_path):
     assert table["best"] == best and f"best sigma_rel {best['sigma_rel']:.3f}" in result.stdout
     assert all(0 <= r["accuracy"] <= 1 and r["fd"] > 0 for r in table["rows"])
     assert (out / "ema_sweep.png").read_bytes()[:4] == b"\x89PNG"
+    # A range point the snapshots cannot support is skipped with a note; the same length listed is an error.
+    args = ["ema-sweep", "--run", str(trained_run), "--samples", "20", "--steps", "2", "--device", "cpu"]
+    ranged = CliRunner().invoke(main, [*args, "--outdir", str(tmp_path / "r"), "--std", "0.005:0.1:0.095"])
+    assert ranged.exit_code == 0, ranged.output
+    assert "note: skipping sigma_rel 0.005: the snapshots do not support them" in ranged.stdout
+    assert [r["sigma_rel"] for r in json.loads((tmp_path / "r" / "ema_sweep.json").read_text())["rows"]] == [0.1]
+    listed = CliRunner().invoke(main, [*args, "--outdir", str(tmp_path / "l"), "--std", "0.005,0.1"])
+    assert listed.exit_code == 2 and "shorter than the snapshots support" in listed.stderr
+    assert not (tmp_path / "l").exists()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -401,6 +410,24 @@ def test_ema_sweep_any_metric(generic_run, tmp_path):
     assert [r["distance"] for r in runs[0].rows] == pytest.approx([r["distance"] for r in runs[1].rows], rel=1e-6)
     with pytest.raises(ValueError, match="without the key 'fd'"):
         ema_sweep(folder, tmp_path / "bad", [0.1], metric, "fd", input_stds=(0.05, 0.10))
+
+
+def test_ema_sweep_skips_unsupported_lengths_only_when_asked(generic_run, tmp_path):
+    folder, _ = generic_run
+    metric = lambda path: {"norm": float(_params(path)["2.weight"].norm())}  # noqa: E731
+    errors = posthoc.reconstruction_errors(folder, [0.005, 0.1], input_stds=(0.05, 0.10))
+    lines = []
+    res = ema_sweep(folder, tmp_path / "a", [0.005, 0.1], metric, "norm", input_stds=(0.05, 0.10),
+                    skip_unsupported=True, echo=lines.append)
+    assert [r["sigma_rel"] for r in res.rows] == [0.1] and res.skipped == {0.005: errors[0.005]}
+    assert lines[0].startswith("note: skipping sigma_rel 0.005: the snapshots do not support them")
+    assert json.loads(res.json_path.read_text())["skipped"] == [{"sigma_rel": 0.005, "profile_error": errors[0.005]}]
+    with pytest.raises(ValueError, match=r"0\.005 \(shorter than the snapshots support"):
+        ema_sweep(folder, tmp_path / "b", [0.005, 0.1], metric, "norm", input_stds=(0.05, 0.10))
+    with pytest.raises(ValueError, match="support none of the EMA lengths"):
+        ema_sweep(folder, tmp_path / "c", [0.004, 0.005], metric, "norm", input_stds=(0.05, 0.10),
+                  skip_unsupported=True)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
 def test_parse_std_list():
@@ -579,7 +606,7 @@ def test_demo_uses_the_sweep_and_skips_unsupported_lengths(tmp_path, monkeypatch
     report = run_demo("demo-out", duration=256, num_samples=20, num_steps=2, stds=(0.05, 0.10, 0.25),
                       progress=False, echo=lines.append)
     assert report["status"] == "finished"
-    assert any("skipping sigma_rel 0.250" in line for line in lines)  # one snapshot time cannot give 0.25
+    assert any("skipping sigma_rel 0.250: the snapshots do not support them" in line for line in lines)
     assert [r["sigma_rel"] for r in report["sweep"]] == [0.05, 0.10]
     assert report["best_fd"] == min(r["fd"] for r in report["sweep"])
     assert (tmp_path / "demo-out" / "ema_quality.png").read_bytes()[:4] == b"\x89PNG"

@@ -275,7 +275,8 @@ def reconstruct(indir, outdir, stds, std_for, nimg, from_stds, max_error, allow_
               help="Training run folder or folder of snapshots (a digits model for the built-in metric).")
 @click.option("--outdir", type=click.Path(file_okay=False), help="Output folder.  [default: RUN/ema-sweep]")
 @click.option("--std", "stds", default="0.02:0.28:0.01", show_default=True,
-              help="EMA lengths: start:stop:step (inclusive) or a comma list.")
+              help="EMA lengths: start:stop:step (inclusive; lengths the snapshots do not support are "
+                   "skipped) or a comma list (all must be supported).")
 @click.option("--samples", type=int, default=500, show_default=True, help="Samples judged per EMA length.")
 @click.option("--steps", type=int, default=16, show_default=True, help="Heun sampler steps per sample.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto.")
@@ -303,8 +304,8 @@ def ema_sweep(run_dir, outdir, stds, samples, steps, device, nimg, from_stds, ma
     outdir = Path(outdir) if outdir else Path(run_dir) / "ema-sweep"
     result = sweep(run_dir, outdir, values, DigitsQuality(DigitsJudge(), samples, steps, device), key="fd",
                    nimg=nimg, input_stds=inputs, max_error=max_error, allow_gaps=allow_gaps,
-                   secondary="accuracy", title=f"digits: Frechet distance vs EMA length ({samples} samples)",
-                   echo=click.echo)
+                   skip_unsupported=":" in stds, secondary="accuracy",
+                   title=f"digits: Frechet distance vs EMA length ({samples} samples)", echo=click.echo)
     click.echo("sigma_rel  profile error  Frechet distance  class accuracy")
     for r in result.rows:
         mark = "  <- best" if r is result.best else ""

@@ -14,7 +14,7 @@ import numpy as np
 from edm2.checkpoint import atomic_write_text, load_network
 from edm2.generate import make_grid, sample_batch, save_png
 from edm2.metrics import DigitsJudge
-from edm2.posthoc import DEFAULT_MAX_ERROR, ema_sweep, reconstruction_errors
+from edm2.posthoc import ema_sweep
 from edm2.training import TrainOptions, train
 
 __all__ = ["DEMO_STDS", "run_demo", "DigitsQuality"]
@@ -60,26 +60,21 @@ def run_demo(outdir: str | Path, duration: int | None = None, num_samples: int =
         return {"status": result["status"]}
     t_train = time.time() - t0
 
-    errors = reconstruction_errors(outdir / "run", stds)
-    unsupported = [s for s in stds if not errors[float(s)] <= DEFAULT_MAX_ERROR]
-    if unsupported:
-        echo(f"note: skipping sigma_rel {', '.join(f'{s:.3f}' for s in unsupported)}: too few snapshots to "
-             f"reconstruct them (profile error above {DEFAULT_MAX_ERROR}); train longer for the full sweep")
-        stds = [s for s in stds if s not in unsupported]
     echo(f"[2-3/4] post-hoc EMA reconstruction for sigma_rel {', '.join(f'{s:.3f}' for s in stds)}, judging "
          f"{num_samples} samples per EMA length with a classifier trained on real digits ...")
     judge = DigitsJudge()
     title = f"digits demo: quality vs EMA length ({result['nimg'] // 1000} kimg)"
     sweep = ema_sweep(outdir / "run", outdir / "posthoc", stds, DigitsQuality(judge, num_samples, num_steps),
-                      key="fd", json_path=None, plot_path=(outdir / "ema_quality.png").absolute(), secondary="accuracy",
-                      title=title)
+                      key="fd", skip_unsupported=True, json_path=None,
+                      plot_path=(outdir / "ema_quality.png").absolute(), secondary="accuracy", title=title,
+                      echo=echo)
     rows, best = sweep.rows, sweep.best
 
     echo("[4/4] writing a 10x10 grid, one row per class, from the best EMA ...")
     net, _ = load_network(best["path"])
     seeds = list(range(100))
     images, _ = sample_batch(net, seeds, class_idx=[s // 10 for s in seeds], num_steps=num_steps)
-    save_png(outdir / "grid.png", make_grid(images, cols=10, scale=4))
+    save_png(outdir / "grid.png", make_grid(images, cols=10, scale=4, gap=2))
 
     report = {
         "status": "finished",
@@ -90,6 +85,7 @@ def run_demo(outdir: str | Path, duration: int | None = None, num_samples: int =
         "best_accuracy": best["accuracy"],
         "best_fd": best["fd"],
         "sweep": rows,
+        "skipped_sigma_rel": sorted(sweep.skipped),
         "pass_generated_accuracy_90": best["accuracy"] >= 0.90,
         "pass_real_accuracy_95": judge.real_accuracy >= 0.95,
         "files": {"grid": str(outdir / "grid.png"), "plot": str(outdir / "ema_quality.png"),

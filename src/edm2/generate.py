@@ -87,14 +87,20 @@ def save_png(path: str | Path, image: torch.Tensor) -> None:
         raise
 
 
-def make_grid(images: torch.Tensor, cols: int | None = None, scale: int = 1) -> torch.Tensor:
-    """Tile [N, C, H, W] images into one [C, rows*H, cols*W] image (pixels repeated `scale` times)."""
-    n, c, h, w = images.shape
+def make_grid(images: torch.Tensor, cols: int | None = None, scale: int = 1, gap: int = 0,
+              gap_value: float = 0.0) -> torch.Tensor:
+    """Tile [N, C, H, W] images row by row into one [C, rows*(H*scale+gap)-gap, cols*(W*scale+gap)-gap]
+    image: pixels repeated `scale` times, `gap` pixels of `gap_value` (0: mid-gray in [-1, 1]) between
+    tiles, empty tiles filled with the gap value."""
+    n, c = images.shape[:2]
     cols = cols or int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))
-    pad = images.new_full([rows * cols - n, c, h, w], -1.0)
-    grid = torch.cat([images, pad]).reshape(rows, cols, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, rows * h, cols * w)
-    return grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    tiles = images.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    tiles = torch.cat([tiles, tiles.new_full([rows * cols - n, *tiles.shape[1:]], gap_value)])
+    tiles = torch.nn.functional.pad(tiles, (0, gap, 0, gap), value=gap_value)
+    h, w = tiles.shape[2:]
+    grid = tiles.reshape(rows, cols, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, rows * h, cols * w)
+    return grid[:, :rows * h - gap, :cols * w - gap]
 
 
 def prepare_network(net: torch.nn.Module, precision: str = "fp32", compile: bool = False) -> torch.nn.Module:
@@ -175,5 +181,5 @@ def generate_images(
     images = torch.cat([mine[k] for k in sorted(mine)])
     if grid is not None and rank == 0:
         Path(grid).parent.mkdir(parents=True, exist_ok=True)
-        save_png(grid, make_grid(images, scale=max(1, 64 // images.shape[-1])))
+        save_png(grid, make_grid(images, scale=max(1, 64 // images.shape[-1]), gap=2))
     return images

@@ -555,7 +555,8 @@ def parse_std_for(items: Sequence[str], option: str = "--std-for") -> tuple[tupl
 
 @dataclass
 class SweepResult:
-    """Rows (sigma_rel, profile_error, path, metric values) sorted by sigma_rel, and the best row."""
+    """Rows (sigma_rel, profile_error, path, metric values) sorted by sigma_rel, the best row, and the
+    lengths left out because the snapshots do not support them."""
 
     rows: list[dict]
     best: dict
@@ -564,6 +565,7 @@ class SweepResult:
     nimg: int
     json_path: Path | None
     plot_path: Path | None
+    skipped: dict[float, float] = field(default_factory=dict)  # sigma_rel -> profile error
 
     @property
     def best_at_edge(self) -> bool:
@@ -583,6 +585,7 @@ def ema_sweep(
     max_error: float = DEFAULT_MAX_ERROR,
     allow_gaps: bool = False,
     per_pass: int = 8,
+    skip_unsupported: bool = False,
     json_path: str | Path | None = "ema_sweep.json",
     plot_path: str | Path | None = "ema_sweep.png",
     secondary: str | None = None,
@@ -592,14 +595,27 @@ def ema_sweep(
     """Reconstruct each EMA length in `stds` from the snapshots in `source`, score it with
     `metric(path_of_reconstructed_snapshot) -> {name: value}`, and pick the best by `metric[key]`.
 
-    Every length is validated before any work starts. Reconstruction streams the snapshots once per
-    `per_pass` lengths (memory: `per_pass` models plus one). The reconstructed snapshots stay in `outdir`;
+    Every length is validated before any work starts: one the snapshots do not support (profile error
+    above `max_error`) is an error, or with `skip_unsupported` (a sweep over a grid) left out and listed
+    in `SweepResult.skipped`. Reconstruction streams the snapshots once per `per_pass` lengths (memory:
+    `per_pass` models plus one). The reconstructed snapshots stay in `outdir`;
     `json_path` / `plot_path` (relative to `outdir` unless absolute; None to skip) receive the table and
     the plot of `key` (and `secondary` on a second axis) against sigma_rel.
     """
     stds = sorted({float(s) for s in stds})
     if per_pass <= 0:
         raise ValueError(f"per_pass must be positive, got {per_pass}")
+    skipped = {}
+    if skip_unsupported:
+        errors = reconstruction_errors(source, stds, nimg, input_stds, allow_gaps)
+        skipped = {s: e for s, e in errors.items() if not e <= max_error}
+        stds = [s for s in stds if s not in skipped]
+        if not stds:
+            raise ValueError(f"the snapshots in {source} support none of the EMA lengths {sorted(skipped)} (profile "
+                             f"errors above {max_error:g}); save snapshots more often or choose other lengths")
+        if skipped and echo is not None:
+            echo(f"note: skipping sigma_rel {', '.join(f'{s:.3f}' for s in skipped)}: the snapshots do not support "
+                 f"them (profile error above {max_error:g}); save snapshots more often or train longer to include them")
     targets = [EMATarget(s) for s in stds]
     plan = _plan(source, targets, nimg, input_stds, max_error, allow_gaps)
     outdir = Path(outdir)
@@ -623,11 +639,12 @@ def ema_sweep(
     best = (min if minimize else max)(finite, key=lambda r: r[key])
     json_file = None if json_path is None else outdir / json_path
     plot_file = None if plot_path is None else outdir / plot_path
-    result = SweepResult(rows, best, key, minimize, plan.nimg, json_file, plot_file)
+    result = SweepResult(rows, best, key, minimize, plan.nimg, json_file, plot_file, skipped)
     if json_file is not None:
         table = {"source": str(plan.source), "nimg": plan.nimg, "key": key, "minimize": minimize,
                  "num_snapshots": len(plan.used), "source_sigma_rels": sorted({i.sigma_rel for i in plan.used}),
-                 "best": best, "best_at_edge": result.best_at_edge, "rows": rows}
+                 "best": best, "best_at_edge": result.best_at_edge, "rows": rows,
+                 "skipped": [{"sigma_rel": s, "profile_error": e} for s, e in skipped.items()]}
         atomic_write_text(json_file, json.dumps(table, indent=2) + "\n")
     if plot_file is not None:
         plot_sweep(rows, plot_file, key, title or f"{key} vs EMA length at time {plan.nimg}", secondary, minimize)

@@ -226,6 +226,11 @@ def _load_checkpoint(path: Path, net: torch.nn.Module, optimizer: torch.optim.Op
         if k.startswith("adam/"):
             _, i, name = k.split("/")
             state.setdefault(int(i), {})[name] = v
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, st in state.items():  # moments in their parameter's memory layout (channels_last too), as in the
+        for name, v in st.items():  # uninterrupted run: the fused step's rounding depends on the layout
+            if v.shape == params[i].shape:
+                st[name] = torch.empty_like(params[i], dtype=v.dtype).copy_(v)
     opt_state = optimizer.state_dict()
     opt_state["state"] = state
     optimizer.load_state_dict(opt_state)
@@ -301,7 +306,7 @@ def train(opts: TrainOptions, progress: bool = True, max_steps: int | None = Non
     options continues from the newest checkpoint; SIGINT/SIGTERM checkpoint and stop cleanly.
     `max_steps` stops after that many optimizer steps in this call (for tests and benchmarks).
 
-    Inside a torch.distributed process group (see `distributed`), the global batch is split over the
+    Inside a torch.distributed process group (see `edm2.distributed`), the global batch is split over the
     processes: each computes `batch_gpu` images per accumulation round at its own positions of the one
     global data stream, with its slice of the noise drawn for the whole global batch, so that the run
     equals a single-process run up to float summation order, and resumes under any number of processes.
@@ -332,10 +337,7 @@ def train(opts: TrainOptions, progress: bool = True, max_steps: int | None = Non
     ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) \
         if world > 1 else net
     model = torch.compile(ddp) if run.compile else ddp
-    if device.type == "cuda":
-        optimizer = make_adam(net.parameters(), fused=True)
-    else:
-        optimizer = make_adam(net.parameters(), foreach=True)
+    optimizer = make_adam(net.parameters(), fused=True)  # one kernel for all tensors, CPU and CUDA
     # fp16: dynamic loss scaling, starting where the official code trains (scale 1); the scale doubles after
     # 2000 steps without overflow and halves (skipping the step) on one.
     scaler = torch.amp.GradScaler(device.type, init_scale=1.0, enabled=run.precision == "fp16")
