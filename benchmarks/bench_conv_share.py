@@ -13,14 +13,12 @@ faster, on hardware with native bf16: AVX512-BF16/AMX on CPUs, tensor cores on G
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import shlex
 import sys
-import time
 
 import torch
+from _shared import device_and_presets, fastest, log, machine_info
 from torch.profiler import ProfilerActivity, profile
 
 from edm2.complexity import count_complexity
@@ -29,20 +27,6 @@ from edm2.presets import get_preset
 
 PLANS = {"cpu-digits8": 32, "edm2-img64-xs": 2, "edm2-img512-xs": 16, "cpu-rgb32": 16}
 CONV_KERNELS = ("convolution", "conv2d", "cudnn", "mkldnn_conv")
-
-
-def timed(fn, device: torch.device, repeat: int) -> float:
-    """Fastest of `repeat` calls, in seconds."""
-    best = float("inf")
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def conv_share(preset: str, device: torch.device) -> dict:
@@ -55,7 +39,7 @@ def conv_share(preset: str, device: torch.device) -> dict:
     labels = torch.eye(cfg.label_dim, device=device)[torch.arange(batch) % cfg.label_dim] if cfg.label_dim else None
     with torch.no_grad():
         net(x, sigma, labels)  # warm-up (and the cached normalized weights)
-        seconds = timed(lambda: net(x, sigma, labels), device, 3)
+        seconds = fastest(lambda: net(x, sigma, labels), device, rounds=3)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities) as prof:
             net(x, sigma, labels)
@@ -83,34 +67,20 @@ def conv_precision(preset: str, device: torch.device) -> dict:
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         xd, wd = x.to(dtype), w.to(dtype)
         torch.nn.functional.conv2d(xd, wd, padding=1)
-        seconds = timed(lambda xd=xd, wd=wd: torch.nn.functional.conv2d(xd, wd, padding=1), device, 5)
+        seconds = fastest(lambda xd=xd, wd=wd: torch.nn.functional.conv2d(xd, wd, padding=1), device, rounds=5)
         out[f"{name}_ms"] = round(seconds * 1e3, 3)
     out["bfloat16_speedup"] = round(out["float32_ms"] / out["bfloat16_ms"], 3)
     return out
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--presets", default="cpu-digits8,edm2-img64-xs")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda, but torch.cuda.is_available() is False")
-    device = torch.device(args.device)
-    flags = []
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((ln for ln in f if ln.startswith("flags")), "")
-        flags = sorted(f for f in line.split() if f.startswith(("avx512f", "avx512_bf16", "amx", "avx2")))
-    except OSError:
-        pass
+    device, presets = device_and_presets(__doc__.split("\n\n")[0])
     results = []
-    for preset in args.presets.split(","):
-        print(f"[{device}] {preset}", file=sys.stderr, flush=True)
+    for preset in presets:
+        log(f"[{device}] {preset}")
         results.append({**conv_share(preset, device), "one_convolution": conv_precision(preset, device)})
-    print(json.dumps({"command": shlex.join(["python", *sys.argv]), "machine": {
-        "platform": platform.platform(), "cpu_flags": flags, "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "device": str(device)}, "results": results}, indent=2))
+    print(json.dumps({"command": shlex.join(["python", *sys.argv]), "machine": machine_info([device.type]),
+                      "device": str(device), "results": results}, indent=2))
 
 
 if __name__ == "__main__":

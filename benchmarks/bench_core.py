@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import sys
 import time
 
 import torch
+from _shared import log, machine_info, sync
 
 from edm2.ema import PowerFunctionEMA
 from edm2.losses import EDM2Loss
@@ -43,31 +42,6 @@ DEFAULT_PLAN = {
     ("edm2-img64-xs", "cpu"): (1, 2, 1),
     ("edm2-img64-xs", "cuda"): (5, 30, 3),
 }
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def machine_info(devices: list[torch.device]) -> dict:
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda_available": torch.cuda.is_available(),
-    }
-    if any(d.type == "cuda" for d in devices):
-        info["cuda_device"] = torch.cuda.get_device_name(0)
-        info["cuda_version"] = torch.version.cuda
-    return info
 
 
 def bench_training(net: Precond, preset, batch: int, device: torch.device, warmup: int, iters: int) -> dict:
@@ -200,7 +174,7 @@ def main() -> None:
 
     report = {
         "command": shlex.join(["python", *sys.argv]),
-        "machine": machine_info(devices),
+        "machine": machine_info([d.type for d in devices]),
         "settings": {"sample_steps": args.sample_steps, "iters": args.iters, "warmup": args.warmup,
                      "sample_runs": args.sample_runs},
         "results": results,

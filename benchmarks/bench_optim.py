@@ -10,13 +10,12 @@ rounds counts. Also reports how far fused Adam drifts from the for-loop after 20
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import sys
-import time
 
 import torch
+from _shared import device_and_presets, fastest, log, machine_info
 
 from edm2.ema import PowerFunctionEMA
 from edm2.networks import Precond
@@ -24,19 +23,10 @@ from edm2.presets import get_preset
 from edm2.training import make_adam
 
 
-def best_ms(fn, device: torch.device, calls: int, rounds: int = 3) -> float:
+def best_ms(fn, device: torch.device, calls: int) -> float:
+    """Milliseconds per call of `fn` after one warm-up call, the fastest of 3 rounds."""
     fn()
-    best = float("inf")
-    for _ in range(rounds):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, (time.perf_counter() - start) / calls)
-    return round(best * 1e3, 3)
+    return round(fastest(fn, device, rounds=3, calls=calls) * 1e3, 3)
 
 
 def bench(preset: str, device: torch.device) -> dict:
@@ -77,19 +67,13 @@ def bench(preset: str, device: torch.device) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--presets", default="cpu-digits8,edm2-img64-xs")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda, but torch.cuda.is_available() is False")
-    device = torch.device(args.device)
+    device, presets = device_and_presets(__doc__.split("\n\n")[0])
     results = []
-    for preset in args.presets.split(","):
-        print(f"[{device}] {preset}", file=sys.stderr, flush=True)
+    for preset in presets:
+        log(f"[{device}] {preset}")
         results.append(bench(preset, device))
-    print(json.dumps({"command": shlex.join(["python", *sys.argv]), "torch": torch.__version__,
-                      "torch_threads": torch.get_num_threads(), "device": str(device), "results": results}, indent=2))
+    print(json.dumps({"command": shlex.join(["python", *sys.argv]), "machine": machine_info([device.type]),
+                      "device": str(device), "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import copy
 import dataclasses
 import json
 import os
-import platform
 import shlex
 import sys
 import threading
@@ -37,6 +36,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from _shared import log, machine_info, sync
 
 from edm2.ema import PowerFunctionEMA
 from edm2.layers import fast_paths, force_weight_normalization_
@@ -117,15 +117,6 @@ PLANS = {
     ("edm2-img512-s", "cuda"): Plan(64, 5, 20, 64, 32, 1),
 }
 DEFAULT_PRESETS = {"cpu": ["cpu-digits8", "edm2-img64-xs"], "cuda": ["edm2-img512-xs", "edm2-img512-s"]}
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class PeakMemory:
@@ -326,24 +317,6 @@ def run_workload(preset: str, device: torch.device, plan: Plan, rounds: int, low
         entry[kind] = table
     del base
     return entry
-
-
-def machine_info(device_types: list[str]) -> dict:
-    cpu = platform.processor() or platform.machine()
-    flags = []
-    if os.path.exists("/proc/cpuinfo"):
-        text = open("/proc/cpuinfo").read()
-        names = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-        flag_line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-        flags = sorted({f for f in flag_line.split() if f.startswith(("avx512_bf16", "amx", "avx512f"))})
-    info = {"platform": platform.platform(), "cpu": cpu, "cpu_flags": flags, "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "cuda_available": torch.cuda.is_available()}
-    if "cuda" in device_types:
-        info["cuda_device"] = torch.cuda.get_device_name(0)
-        info["cuda_version"] = torch.version.cuda
-    return info
 
 
 def main() -> None:
