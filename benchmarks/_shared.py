@@ -71,3 +71,25 @@ def device_and_presets(description: str, default_presets: str = "cpu-digits8,edm
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch.cuda.is_available() is False")
     return torch.device(args.device), args.presets.split(",")
+
+
+def random_trainer(preset: str, batch: int, device: torch.device, precision: str | None = None,
+                   compile: bool = False, images: int | None = None):
+    """`edm2.training.setup` for `preset` at `batch` on a dataset of random uint8 images with labels (the
+    preset's shape), without a run folder: what the benchmarks pass to `edm2.training.train_step`."""
+    import numpy as np
+
+    from edm2.data import ImageDataset
+    from edm2.options import TrainOptions, resolve_run
+    from edm2.presets import get_preset
+    from edm2.training import setup
+
+    net = get_preset(preset).network
+    n = images or 4 * batch
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, [n, net.img_channels, net.img_resolution, net.img_resolution], dtype=np.uint8)
+    dataset = ImageDataset(pixels, rng.integers(0, max(net.label_dim, 1), n), name="random",
+                           num_classes=max(net.label_dim, 1))
+    opts = TrainOptions(outdir="(none)", data="random", preset=preset, batch=batch, device=str(device),
+                        precision=precision, compile=compile)
+    return setup(resolve_run(opts, dataset, world=1), dataset, device)

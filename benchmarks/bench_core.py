@@ -5,9 +5,9 @@
 Workloads: the `cpu-digits8` preset at batch 32 and `edm2-img64-xs` at batch 4, on the CPU and, when
 torch.cuda.is_available(), on CUDA too (or only on the device given with --device).
 
-Training step (what one iteration of EDM2 training costs): learning rate from
-`learning_rate_schedule`, EDM2Loss forward with return_logvar, loss.sum() / batch backward,
-`sanitize_gradients`, Adam (`make_adam`) step, PowerFunctionEMA update. Sampling: `edm_sampler`
+Training step (what one iteration of EDM2 training costs): `edm2.training.train_step` as the trainer runs it
+(batch from a dataset of random uint8 images, EDM2 loss forward and backward, gradient guard, fused Adam,
+at the precision the trainer picks for the device) plus the PowerFunctionEMA update. Sampling: `edm_sampler`
 (Heun, --sample-steps steps = 2 steps - 1 evaluations) with the network in eval mode under no_grad.
 Warm-up iterations and runs are excluded from the timings. Progress goes to stderr.
 
@@ -24,16 +24,16 @@ import sys
 import time
 
 import torch
-from _shared import log, machine_info, sync
+from _shared import log, machine_info, random_trainer, sync
 
 from edm2.ema import PowerFunctionEMA
-from edm2.losses import EDM2Loss
 from edm2.networks import Precond
 from edm2.presets import get_preset
 from edm2.sampling import edm_sampler
-from edm2.training import learning_rate_schedule, make_adam, sanitize_gradients
+from edm2.training import train_step
 
-WORKLOADS = [("cpu-digits8", 32), ("edm2-img64-xs", 4)]
+WORKLOADS = [("cpu-digits8", 32), ("edm2-img64-xs", 4), ("edm2-img512-xs", 64), ("edm2-img512-s", 64)]
+DEFAULT_PRESETS = "cpu-digits8,edm2-img64-xs"  # the img512 ones are for GPUs (benchmarks/gpu_check.sh)
 
 # (warm-up iterations, timed iterations, timed sampling runs) per (preset, device type).
 DEFAULT_PLAN = {
@@ -41,34 +41,21 @@ DEFAULT_PLAN = {
     ("cpu-digits8", "cuda"): (5, 50, 5),
     ("edm2-img64-xs", "cpu"): (1, 2, 1),
     ("edm2-img64-xs", "cuda"): (5, 30, 3),
+    ("edm2-img512-xs", "cpu"): (1, 1, 1),
+    ("edm2-img512-xs", "cuda"): (5, 20, 1),
+    ("edm2-img512-s", "cpu"): (1, 1, 1),
+    ("edm2-img512-s", "cuda"): (5, 20, 1),
 }
 
 
-def bench_training(net: Precond, preset, batch: int, device: torch.device, warmup: int, iters: int) -> dict:
-    tr = preset.training
-    cfg = preset.network
-    gen = torch.Generator(device).manual_seed(1)
-    images = torch.randn([batch, cfg.img_channels, cfg.img_resolution, cfg.img_resolution], device=device,
-                         generator=gen) * 0.5
-    labels = torch.nn.functional.one_hot(torch.randint(cfg.label_dim, [batch], device=device, generator=gen),
-                                         cfg.label_dim).float()
-    loss_fn = EDM2Loss(P_mean=tr.P_mean, P_std=tr.P_std, sigma_data=cfg.sigma_data)
-    opt = make_adam(net.parameters(), fused=True)  # as the training loop does
-    ema = PowerFunctionEMA(net, stds=tr.ema_stds)
-    net.train().requires_grad_(True)
+def bench_training(name: str, batch: int, device: torch.device, warmup: int, iters: int) -> dict:
+    t = random_trainer(name, batch, device)
+    ema = PowerFunctionEMA(t.net, stds=t.run.ema_stds)
     cur_nimg = 0
-    loss_value = float("nan")
 
     def step() -> torch.Tensor:
         nonlocal cur_nimg
-        lr = learning_rate_schedule(cur_nimg, batch, ref_lr=tr.lr, ref_batches=tr.decay, rampup_Mimg=tr.rampup_Mimg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(net, images, labels)
-        loss.sum().mul(1 / batch).backward()
-        sanitize_gradients(net.parameters())
-        opt.step()
+        loss, _ = train_step(t, cur_nimg, t.data.micro_batches(cur_nimg))
         cur_nimg += batch
         ema.update(cur_nimg=cur_nimg, batch_size=batch)
         return loss
@@ -81,15 +68,14 @@ def bench_training(net: Precond, preset, batch: int, device: torch.device, warmu
         loss = step()
     sync(device)
     seconds = time.perf_counter() - start
-    if iters:
-        loss_value = float(loss.detach().sum() / batch)
     return {
         "warmup_iters": warmup,
         "iters": iters,
         "seconds": round(seconds, 4),
         "iters_per_s": round(iters / seconds, 4) if iters else None,
         "images_per_s": round(iters * batch / seconds, 3) if iters else None,
-        "last_loss": round(loss_value, 4),
+        "last_loss": round(float(loss), 4) if iters else float("nan"),
+        "precision": t.run.precision,
     }
 
 
@@ -130,7 +116,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed training iterations before timing")
     parser.add_argument("--sample-steps", type=int, default=32, help="Heun steps per sampling run")
     parser.add_argument("--sample-runs", type=int, default=None, help="timed sampling runs (at least 1)")
-    parser.add_argument("--presets", default=",".join(name for name, _ in WORKLOADS),
+    parser.add_argument("--presets", default=DEFAULT_PRESETS,
                         help="comma-separated subset of " + ", ".join(name for name, _ in WORKLOADS))
     args = parser.parse_args()
 
@@ -164,7 +150,7 @@ def main() -> None:
                      "parameters": sum(p.numel() for p in net.parameters()),
                      "fp16": bool(preset.network.use_fp16 and device.type == "cuda")}
             log(f"[{device}] {name} batch {batch}: training, {warmup} warm-up + {iters} timed iterations")
-            entry["train"] = bench_training(net, preset, batch, device, warmup, iters)
+            entry["train"] = bench_training(name, batch, device, warmup, iters)
             log(f"[{device}] {name} batch {batch}: sampling, {runs} run(s) of {args.sample_steps} steps")
             entry["sample"] = bench_sampling(net, preset, batch, device, args.sample_steps, runs)
             if device.type == "cuda":

@@ -100,7 +100,7 @@ def child(source: Path, outdir: Path, outputs: int, naive: bool) -> dict:
     import gc
 
     from edm2.checkpoint import load_tensors
-    from edm2.posthoc import posthoc_reconstruct, scan_snapshots
+    from edm2.reconstruct import posthoc_reconstruct, scan_snapshots
 
     stds = [0.06 + 0.04 * i for i in range(outputs)]
     gc.collect()

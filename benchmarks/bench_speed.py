@@ -36,15 +36,14 @@ import time
 from dataclasses import dataclass
 
 import torch
-from _shared import log, machine_info, sync
+from _shared import log, machine_info, random_trainer, sync
 
 from edm2.ema import PowerFunctionEMA
-from edm2.layers import fast_paths, force_weight_normalization_
-from edm2.losses import EDM2Loss
+from edm2.layers import fast_paths
 from edm2.networks import Precond
 from edm2.presets import get_preset
 from edm2.sampling import edm_sampler
-from edm2.training import learning_rate_schedule, make_adam, sanitize_gradients
+from edm2.training import make_adam, train_step
 
 
 @dataclass(frozen=True)
@@ -209,64 +208,43 @@ def bench_sampling(base: Precond, v: Variant, plan: Plan, device: torch.device) 
 
 
 def bench_training(base: Precond, v: Variant, plan: Plan, device: torch.device, preset: str) -> tuple[dict, dict]:
-    tr = get_preset(preset).training
-    net, model = prepare(copy.deepcopy(base), v, train=True)
-    opt = make_adam(net.parameters(), fused=True) if v.fused_adam else make_adam(net.parameters(), foreach=False)
-    scaler = torch.amp.GradScaler(device.type, init_scale=1.0, enabled=v.precision == "fp16")
-    ema = PowerFunctionEMA(net, stds=tr.ema_stds)
-    loss_fn = EDM2Loss(P_mean=tr.P_mean, P_std=tr.P_std, sigma_data=net.sigma_data)
+    """`edm2.training.train_step` (what the trainer runs) with the variant's switches, from `base`'s weights."""
+    t = random_trainer(preset, plan.train_batch, device, precision=v.precision, compile=v.compile)
+    t.net.load_state_dict(base.state_dict())
+    t.net.to(memory_format=torch.channels_last if v.channels_last else torch.contiguous_format)
+    t.optimizer = make_adam(t.net.parameters(), fused=True) if v.fused_adam else \
+        make_adam(t.net.parameters(), foreach=False)
+    ema = PowerFunctionEMA(t.net, stds=t.run.ema_stds)
     batch = plan.train_batch
-    shape = [batch, net.img_channels, net.img_resolution, net.img_resolution]
-    # The same images, labels and noise in every variant: drawn per step from fixed seeds.
-    steps_data = []
-    for step in range(plan.train_warmup + plan.train_iters):
-        gen = torch.Generator(device).manual_seed(100 + step)
-        images = torch.randn(shape, device=device, generator=gen) * 0.5
-        labels = torch.nn.functional.one_hot(torch.randint(net.label_dim, [batch], device=device, generator=gen),
-                                             net.label_dim).float() if net.label_dim else None
-        steps_data.append((images, labels, gen.get_state()))
-    cur_nimg = 0
+    # From the end of the learning-rate warm-up, so that the steps are visible in the weights; the data and
+    # the noise depend on the image count only, so every variant sees the same.
+    cur_nimg = -(-int(t.run.rampup_Mimg * 1e6) // batch) * batch
     losses = []
 
-    def step(images, labels, state) -> None:
+    def step() -> None:
         nonlocal cur_nimg
-        # At the end of the learning-rate warm-up, so that the steps are visible in the weights.
-        lr = learning_rate_schedule(cur_nimg + int(tr.rampup_Mimg * 1e6), batch, ref_lr=tr.lr,
-                                    ref_batches=tr.decay, rampup_Mimg=tr.rampup_Mimg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        if v.compile:
-            force_weight_normalization_(net)
-        gen = torch.Generator(device)
-        gen.set_state(state)
-        loss = loss_fn(model, images, labels, generator=gen)
-        scaler.scale(loss.sum().mul(1 / batch)).backward()
-        scaler.unscale_(opt)
-        sanitize_gradients(net.parameters())
-        scaler.step(opt)
-        scaler.update()
+        loss, _ = train_step(t, cur_nimg, t.data.micro_batches(cur_nimg))
         cur_nimg += batch
         ema.update(cur_nimg=cur_nimg, batch_size=batch)
-        losses.append(loss.detach())
+        losses.append(loss)
 
     with switches(v), PeakMemory(device) as mem:
         start = time.perf_counter()
-        for data in steps_data[:plan.train_warmup]:
-            step(*data)
+        for _ in range(plan.train_warmup):
+            step()
         sync(device)
         warmup = time.perf_counter() - start
         start = time.perf_counter()
-        for data in steps_data[plan.train_warmup:]:
-            step(*data)
+        for _ in range(plan.train_iters):
+            step()
         sync(device)
         seconds = time.perf_counter() - start
-    last_loss = float(losses[-1].sum() / batch)
+    last_loss = float(losses[-1])
     result = {"seconds": seconds, "images_per_s": plan.train_iters * batch / seconds, "peak_memory_MiB": mem.mib,
               "last_loss": last_loss}
     if v.compile:
         result["compile_seconds"] = round(warmup, 1)
-    weights = {k: t.detach().float().cpu() for k, t in net.state_dict().items()}
+    weights = {k: w.detach().float().cpu() for k, w in t.net.state_dict().items()}
     weights["loss"] = torch.tensor(last_loss)
     return result, weights
 

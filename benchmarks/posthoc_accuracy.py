@@ -6,7 +6,7 @@ Snapshots are taken at t_i = i/n (i = 1..n) of a training run of length 1, each 
 (sigma_rel 0.05 and 0.10, as the paper tracks) or one (0.10). For each target sigma_rel at t = 1 the
 least-squares combination of the stored profiles is solved (`edm2.ema.solve_posthoc_coefficients`,
 columns normalized to sum 1) and its relative squared L2 profile error is measured exactly from the
-profiles' inner products (`edm2.posthoc.profile_error`). Pure math; it takes seconds.
+profiles' inner products (`edm2.reconstruct.profile_error`). Pure math; it takes seconds.
 
 Writes DIR/posthoc_accuracy.json (errors, fitted log-log slopes over all n and over n >= 8) and
 DIR/posthoc_accuracy.png (left: target and reconstructed profiles at n = 8; right: error against n with
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from edm2.ema import solve_posthoc_coefficients, std_to_exp
-from edm2.posthoc import profile_error
+from edm2.reconstruct import profile_error
 
 SETUPS = {"two averages (0.05, 0.10)": (0.05, 0.10), "one average (0.10)": (0.10,)}
 TAIL_FROM = 8  # n from which the slope is fitted for the asymptotic rate

@@ -1,10 +1,17 @@
-"""Model files: safetensors + JSON metadata, no pickle, atomic writes, ValueError for damaged or foreign files."""
+"""The files of a run: safetensors + JSON metadata (no pickle), ValueError for damaged or foreign files, one
+atomic writer behind every file, and the run-folder lock."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import struct
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -212,3 +219,146 @@ def test_atomic_write_text(tmp_path, monkeypatch):
         checkpoint.atomic_write_text(path, "newer\n")
     assert path.read_text() == "new\n"
     assert [p.name for p in tmp_path.iterdir()] == ["options.json"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Every writer goes through the one atomic helper: a write that dies midway leaves the old file intact.
+
+
+def _write_json(path):
+    checkpoint.atomic_write_text(path, json.dumps({"v": path.stat().st_size if path.exists() else 0}))
+
+
+def _write_png(path):
+    from edm2.generate import save_png
+
+    save_png(path, torch.rand(3, 4, 4) * 2 - 1)
+
+
+def _write_plot(path):
+    from edm2.sweep import plot_sweep
+
+    rows = [{"sigma_rel": s, "fd": 1 + (s - 0.1) ** 2} for s in (0.05, 0.1, 0.15)]
+    plot_sweep(rows, path, "fd", "test plot")
+
+
+def _write_tensors(path):
+    save_tensors(path, {"w": torch.randn(3)}, {"kind": "test"})
+
+
+WRITERS = {"json": (_write_json, "a.json"), "png": (_write_png, "a.png"), "plot": (_write_plot, "a.png"),
+           "tensors": (_write_tensors, "a.safetensors")}
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_every_writer_is_atomic(writer, tmp_path, monkeypatch):
+    write, name = WRITERS[writer]
+    path = tmp_path / name
+    write(path)
+    before = path.read_bytes()
+
+    def failing_fsync(fd):  # the file is complete but not yet renamed into place: as a crash at that moment
+        raise OSError("killed while writing")
+
+    monkeypatch.setattr(checkpoint.os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="killed while writing"):
+        write(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # and no temporary left behind
+
+
+def test_writers_use_no_other_way_to_the_disk():
+    """Only checkpoint.py renames files into place or makes temporaries, so no writer can bypass it."""
+    src = Path(checkpoint.__file__).parent
+    for path in src.rglob("*.py"):
+        if path.name == "checkpoint.py":
+            continue
+        text = path.read_text()
+        for pattern in ("os.replace(", "os.rename(", "tempfile.", ".replace(path", "mkstemp"):
+            assert pattern not in text, f"{path.relative_to(src)} writes files around atomic_output: {pattern}"
+
+
+def test_a_killed_write_leaves_the_old_file_and_a_temporary_that_the_cleanup_removes(tmp_path):
+    path = tmp_path / "state.json"
+    checkpoint.atomic_write_text(path, "old\n")
+    code = textwrap.dedent(f"""
+        import os, signal
+        from edm2.checkpoint import atomic_output
+        with atomic_output({str(path)!r}) as tmp:
+            tmp.write_text("half of the new")
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    assert path.read_text() == "old\n"
+    stale = [p.name for p in tmp_path.iterdir() if p.name != "state.json"]
+    assert len(stale) == 1 and stale[0].startswith(".state.json.") and stale[0].endswith(".tmp")
+    assert [p.name for p in checkpoint.remove_stale_temps(tmp_path)] == stale
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run-folder lock.
+
+TRAIN = ["train", "--data", "digits", "--preset", "cpu-tiny8", "--batch", "16", "--status", "64", "--snapshot",
+         "1Ki", "--checkpoint", "32", "--device", "cpu", "--duration", "4Ki"]
+
+
+def _start_training(outdir: Path) -> subprocess.Popen:
+    threads = torch.get_num_threads()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    return subprocess.Popen([sys.executable, "-m", "edm2.cli", *TRAIN, "--outdir", str(outdir)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early: {proc.stderr.read().decode()}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+def test_second_trainer_on_a_live_run_is_refused_and_a_killed_one_does_not_block(tmp_path):
+    from click.testing import CliRunner
+
+    from edm2.cli import main
+
+    outdir = tmp_path / "run"
+    proc = _start_training(outdir)
+    try:
+        _wait_for(lambda: bool(checkpoint.find_checkpoints(outdir)), proc)
+        lock = outdir / checkpoint.LOCK_FILE
+        assert f"pid {proc.pid} " in lock.read_text()
+        before = {p.name for p in outdir.iterdir()}
+        result = CliRunner().invoke(main, [*TRAIN, "--outdir", str(outdir)])
+        assert result.exit_code == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("edm2: error:"), result.stderr
+        assert str(outdir) in lines[0] and f"pid {proc.pid}" in lines[0] and "another process" in lines[0]
+        assert proc.poll() is None  # the first one trains on
+        assert {p.name for p in outdir.iterdir()} - before <= {p.name for p in checkpoint.find_checkpoints(outdir)} \
+            | {p.name for p in outdir.glob("snapshot-*")} | {p.name for p in outdir.glob(".*.tmp")}
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert (outdir / checkpoint.LOCK_FILE).exists()  # left behind by the killed process, but no longer held
+    result = CliRunner().invoke(main, [*TRAIN, "--outdir", str(outdir)])
+    assert result.exit_code == 0, result.output
+    assert "finished at 4096 images" in result.stdout
+    assert not (outdir / checkpoint.LOCK_FILE).exists()  # released and removed at the end
+    assert "resuming at" in (outdir / "log.txt").read_text()
+
+
+def test_lock_in_process(tmp_path):
+    with checkpoint.RunLock(tmp_path) as held:
+        assert f"pid {os.getpid()} " in held.owner()
+        code = f"from edm2.checkpoint import RunLock\nRunLock({str(tmp_path)!r}).acquire()"
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert proc.returncode != 0 and f"being trained by another process (pid {os.getpid()} " in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -514,15 +514,16 @@ def test_console_script_errors(args, fragment, tmp_path):
 
 def test_sample_batch_classes_depend_on_seed_only(tmp_path):
     from edm2.generate import sample_batch
+    from edm2.sampling import SamplerSettings
 
     net, _ = load_network(small_snapshot(tmp_path / "s.safetensors"))
-    _, fixed = sample_batch(net, [4, 5, 6], class_idx=2, num_steps=1)
+    _, fixed = sample_batch(net, [4, 5, 6], class_idx=2, settings=SamplerSettings(num_steps=1))
     assert fixed.tolist() == [2, 2, 2]
-    _, per_image = sample_batch(net, [4, 5, 6], class_idx=[0, 2, 1], num_steps=1)
+    _, per_image = sample_batch(net, [4, 5, 6], class_idx=[0, 2, 1], settings=SamplerSettings(num_steps=1))
     assert per_image.tolist() == [0, 2, 1]
-    images, drawn = sample_batch(net, list(range(20)), num_steps=2)
+    images, drawn = sample_batch(net, list(range(20)), settings=SamplerSettings(num_steps=2))
     assert drawn.min() >= 0 and drawn.max() <= 2 and len(set(drawn.tolist())) > 1
-    alone, drawn7 = sample_batch(net, [7], num_steps=2)
+    alone, drawn7 = sample_batch(net, [7], settings=SamplerSettings(num_steps=2))
     assert drawn7.tolist() == [drawn[7].item()] and torch.allclose(alone[0], images[7], atol=1e-5)
     with pytest.raises(ValueError, match="outside 0..2"):
         sample_batch(net, [0], class_idx=-1)

@@ -21,9 +21,9 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from edm2.checkpoint import Snapshot, load_snapshot, load_tensors, read_metadata, save_snapshot
+from edm2.checkpoint import Snapshot, find_checkpoints, load_snapshot, load_tensors, read_metadata, save_snapshot
 from edm2.cli import main
-from edm2.training import TrainOptions, find_checkpoints, train
+from edm2.training import TrainOptions, train
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed in this build")
 
@@ -117,7 +117,7 @@ def test_two_processes_with_accumulation_match_one_process(reference_run: Path, 
 INTERRUPT_SCRIPT = """
 import json, os, signal, sys
 import edm2.training as T
-from edm2.distributed import distributed
+from edm2.runtime import distributed
 
 rank = int(os.environ["RANK"])
 real_schedule = T.learning_rate_schedule
@@ -191,7 +191,7 @@ def test_distributed_generation_writes_the_single_process_images(reference_run: 
 POSTHOC_DDP_SCRIPT = """
 import json, sys
 import torch
-from edm2.distributed import distributed
+from edm2.runtime import distributed
 from edm2.posthoc import PosthocEMA
 
 def batches():

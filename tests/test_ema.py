@@ -407,3 +407,47 @@ def test_state_dicts_hold_averages_and_buffers():
         net[1].running_mean.add_(1.0)
     torch.testing.assert_close(out[0][1]["0.weight"], saved, rtol=0, atol=0)
     assert torch.equal(out[0][1]["1.running_mean"], torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
+
+
+def test_get_returns_network_copies_like_the_official_class():
+    """`get()` gives [(network, '-0.050'), ...]: copies of the network whose parameters are the averages and
+    whose buffers are the live ones, equal to the tensor API (`state_dicts()`), refreshed by every call."""
+    net = _small_net()
+    with torch.no_grad():
+        net[1].running_mean.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
+    ema = PowerFunctionEMA(_Wrapper(net), stds=EMA_STDS)
+    for k in range(1, 4):
+        _set_params(net, seed=k)
+        ema.update(cur_nimg=k * 10, batch_size=10)
+    got = ema.get()
+    assert [suffix for _, suffix in got] == ["-0.050", "-0.100"]
+    for (copy_net, _), (_, sd) in zip(got, ema.state_dicts()):
+        assert copy_net is not net and type(copy_net) is type(net)
+        assert set(copy_net.state_dict()) == set(sd)
+        for name, value in copy_net.state_dict().items():
+            torch.testing.assert_close(value, sd[name], rtol=0, atol=0)
+    # A later update and buffer change show up in the same copies at the next call.
+    first = [m for m, _ in got]
+    _set_params(net, seed=7)
+    with torch.no_grad():
+        net[1].running_mean.add_(10.0)
+    ema.update(cur_nimg=50, batch_size=20)
+    again = ema.get()
+    assert [m for m, _ in again] == first
+    for (copy_net, _), (_, sd) in zip(again, ema.state_dicts()):
+        for name, value in copy_net.state_dict().items():
+            torch.testing.assert_close(value, sd[name], rtol=0, atol=0)
+        torch.testing.assert_close(copy_net.state_dict()["1.running_mean"], net[1].running_mean, rtol=0, atol=0)
+    # The copies do not drag the live network along, nor the other way round.
+    with torch.no_grad():
+        first[0][0].weight.add_(1.0)
+    assert not torch.equal(first[0][0].weight, net[0].weight)
+
+
+@pytest.mark.parametrize("n, out_t, out_std", [(8, 1.0, 0.13), (20, 0.7, (0.03, 0.1, 0.2))])
+def test_coefficient_columns_sum_to_one(n, out_t, out_std):
+    """As the official `solve_posthoc_coefficients`: each column is a weighting of the stored averages."""
+    t = np.arange(1, n + 1) / n
+    coefs = solve_posthoc_coefficients(np.repeat(t, 2), np.tile([0.05, 0.10], n), out_t, out_std)
+    assert coefs.shape == (2 * n, np.size(out_std))
+    np.testing.assert_allclose(coefs.sum(axis=0), 1.0, rtol=0, atol=1e-12)

@@ -14,7 +14,8 @@ import torch
 import edm2.layers as layers
 from edm2.layers import FAST_PATHS, MPConv, fast_paths, force_weight_normalization_, normalize
 from edm2.losses import EDM2Loss
-from edm2.networks import Block, Precond, resolve_precision
+from edm2.networks import Block, Precond
+from edm2.runtime import resolve_precision
 from edm2.training import TrainOptions, make_adam, train
 
 F32 = dict(rtol=1e-4, atol=2e-5)  # the golden tolerances of tests/test_networks.py
@@ -293,9 +294,9 @@ def test_bf16_training_is_finite_and_tracks_fp32(fp32_run: Path, tmp_path: Path)
 def test_fp16_loss_scaling_path_resumes_exactly(fp32_run: Path, tmp_path: Path, monkeypatch):
     """The fp16 code path (autocast float16, GradScaler, scaler state in checkpoints), run on the CPU by
     lifting the CUDA-only check: it tracks float32 and resumes exactly."""
-    import edm2.networks
+    import edm2.runtime
 
-    monkeypatch.setattr(edm2.networks, "resolve_precision", lambda precision, device, use_fp16=False: precision)
+    monkeypatch.setattr(edm2.runtime, "resolve_precision", lambda precision, device, use_fp16=False: precision)
     short = {**BF16_RUN, "duration": 16 * 6}
     full = tmp_path / "full"
     train(TrainOptions(outdir=str(full), precision="fp16", **short), progress=False)
@@ -303,8 +304,7 @@ def test_fp16_loss_scaling_path_resumes_exactly(fp32_run: Path, tmp_path: Path, 
     assert train(TrainOptions(outdir=str(paused), precision="fp16", **short), progress=False,
                  max_steps=3)["status"] == "paused"
     train(TrainOptions(outdir=str(paused), precision="fp16", **short), progress=False)
-    from edm2.checkpoint import load_tensors
-    from edm2.training import find_checkpoints
+    from edm2.checkpoint import find_checkpoints, load_tensors
 
     a, _ = load_tensors(find_checkpoints(full)[-1], kind="checkpoint")
     b, _ = load_tensors(find_checkpoints(paused)[-1], kind="checkpoint")

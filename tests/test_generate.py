@@ -1,13 +1,22 @@
-"""Image output of `edm2.generate`: grids and PNG files (sampling itself is tested in test_sampling and
-test_cli)."""
+"""`edm2.generate`: grids and PNG files, the official per-seed drawing order (noise, class, churn noise), and
+the sampler settings from the command line down to the sampler (the sampler itself is tested in
+test_sampling)."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
+from click.testing import CliRunner
 from PIL import Image
 
-from edm2.generate import make_grid, save_png
+from edm2.checkpoint import Snapshot, save_snapshot
+from edm2.cli import main
+from edm2.data import to_uint8
+from edm2.generate import make_grid, sample_batch, save_png
+from edm2.networks import Precond
+from edm2.presets import NetworkConfig
+from edm2.sampling import SamplerSettings, edm_sampler
 
 
 def test_grid_places_tiles_row_by_row_with_gaps():
@@ -35,3 +44,92 @@ def test_save_png_round_trip(tmp_path):
         assert img.mode == "L"
         np.testing.assert_array_equal(np.asarray(img), [[0, 128], [255, 191]])
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]  # no temporary file left
+
+
+# ----------------------------------------------------------------------------------------------------
+# Seeds, classes and sampler settings, from the command line down to the sampler.
+
+
+def _loud_net(label_dim: int = 3) -> Precond:
+    """A small random conditional network with its learned gains (0 at initialization) set to 0.8, so that
+    its output, labels and noise all shape the images."""
+    torch.manual_seed(0)
+    net = Precond(img_resolution=8, img_channels=1, label_dim=label_dim, model_channels=16, channel_mult=[1, 2],
+                  num_blocks=1, attn_resolutions=[4], channels_per_head=16, use_fp16=False)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.ndim == 0:
+                p.fill_(0.8)
+    return net.eval().requires_grad_(False)
+
+
+def official_order(net: Precond, seed: int, class_idx: int, settings: SamplerSettings,
+                   draw_class: bool = True) -> torch.Tensor:
+    """One image as the official generate_images.py draws it, written out independently of edm2.generate:
+    a generator seeded with the seed; from it, in this order, the noise [C, H, W], a class (`randint` of
+    label_dim, drawn even when --class is given, then replaced by it), then each churn noise the sampler
+    asks for. `draw_class=False` is the order without that class draw (what edm2 did before)."""
+    g = torch.Generator().manual_seed(seed % (1 << 32))
+    noise = torch.randn([net.img_channels, net.img_resolution, net.img_resolution], generator=g)[None]
+    if draw_class:
+        torch.randint(net.label_dim, [], generator=g)
+    labels = torch.nn.functional.one_hot(torch.tensor([class_idx]), net.label_dim).float()
+    with torch.no_grad():
+        return edm_sampler(net, noise, labels, num_steps=settings.num_steps, sigma_min=settings.sigma_min,
+                           sigma_max=settings.sigma_max, rho=settings.rho, S_churn=settings.S_churn,
+                           S_min=settings.S_min, S_max=settings.S_max, S_noise=settings.S_noise,
+                           solver=settings.solver,
+                           randn_like=lambda x: torch.randn(x.shape[1:], generator=g, dtype=x.dtype)[None])[0]
+
+
+def test_class_and_churn_images_follow_the_official_drawing_order():
+    net = _loud_net()
+    settings = SamplerSettings(num_steps=6, S_churn=40, S_min=0.05, S_max=50, S_noise=1.003)
+    seeds = [3, 11, 2**32 + 5]
+    images, classes = sample_batch(net, seeds, class_idx=2, settings=settings)
+    assert classes.tolist() == [2, 2, 2]
+    for image, seed in zip(images, seeds):
+        torch.testing.assert_close(image, official_order(net, seed, 2, settings), rtol=0, atol=1e-5)
+        # Skipping the class draw moves the churn noise: visibly different images.
+        assert (image - official_order(net, seed, 2, settings, draw_class=False)).abs().max() > 1e-2
+
+
+def test_cli_sampler_options_reach_the_sampler(tmp_path):
+    net = _loud_net()
+    path = tmp_path / "net.safetensors"
+    save_snapshot(path, Snapshot(net.state_dict(), NetworkConfig(
+        img_resolution=8, img_channels=1, label_dim=3, model_channels=16, channel_mult=(1, 2), num_blocks=1,
+        attn_resolutions=(4,), channels_per_head=16, use_fp16=False), 0.1, 64, {}))
+    args = ["--steps", "5", "--sigma-min", "0.01", "--sigma-max", "20", "--rho", "3", "--solver", "euler",
+            "--S-churn", "10", "--S-min", "0.1", "--S-max", "10", "--S-noise", "1.01"]
+    settings = SamplerSettings(num_steps=5, sigma_min=0.01, sigma_max=20, rho=3, solver="euler", S_churn=10,
+                               S_min=0.1, S_max=10, S_noise=1.01)
+    result = CliRunner().invoke(main, ["generate", "--net", str(path), "--outdir", str(tmp_path / "out"),
+                                       "--seeds", "4-6", "--class", "1", "--device", "cpu", *args])
+    assert result.exit_code == 0, result.output
+    for seed in (4, 5, 6):
+        with Image.open(tmp_path / "out" / f"{seed:06d}.png") as img:
+            png = np.asarray(img).astype(np.int16)
+        expected = to_uint8(official_order(net, seed, 1, settings))[0].numpy().astype(np.int16)
+        assert np.abs(png - expected).max() <= 1  # rounding of values within 1e-5 of a step
+    default = CliRunner().invoke(main, ["generate", "--net", str(path), "--outdir", str(tmp_path / "default"),
+                                        "--seeds", "4", "--class", "1", "--device", "cpu"])
+    assert default.exit_code == 0
+    with Image.open(tmp_path / "default" / "000004.png") as a, Image.open(tmp_path / "out" / "000004.png") as b:
+        assert not np.array_equal(np.asarray(a), np.asarray(b))  # the options changed something
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--solver", "rk4"], "--solver"),
+    (["--sigma-min", "5", "--sigma-max", "1"], "--sigma-min"),
+    (["--rho", "0"], "--rho"),
+    (["--steps", "0"], "--steps"),
+    (["--S-churn", "-1"], "--S-churn"),
+])
+def test_cli_bad_sampler_options_are_one_line_errors(args, fragment, tmp_path):
+    result = CliRunner().invoke(main, ["generate", "--net", str(tmp_path / "missing.safetensors"), "--outdir",
+                                       str(tmp_path / "out"), *args])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edm2: error:") and fragment in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()

@@ -18,10 +18,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import edm2.posthoc as posthoc
+import edm2.reconstruct as reconstruct
 from edm2.checkpoint import load_network, load_tensors, read_metadata
-from edm2.cli import main
-from edm2.posthoc import EMATarget, PosthocEMA, ema_sweep, parse_std_list, posthoc_reconstruct, scan_snapshots
+from edm2.cli import main, parse_std_list
+from edm2.posthoc import PosthocEMA
+from edm2.reconstruct import EMATarget, posthoc_reconstruct, scan_snapshots
+from edm2.sweep import ema_sweep
 from edm2.training import TrainOptions, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -282,7 +284,7 @@ def test_reconstruction_reads_one_snapshot_at_a_time(generic_run, tmp_path, monk
     folder, _ = generic_run
     alive: list[weakref.ref] = []
     loads = []
-    real = posthoc.load_tensors
+    real = reconstruct.load_tensors
 
     def counting_load(path, kind=None, device="cpu"):
         loads.append(sum(r() is not None for r in alive))  # tensors of earlier files still in memory
@@ -290,7 +292,7 @@ def test_reconstruction_reads_one_snapshot_at_a_time(generic_run, tmp_path, monk
         alive.extend(weakref.ref(t) for t in tensors.values())
         return tensors, meta
 
-    monkeypatch.setattr(posthoc, "load_tensors", counting_load)
+    monkeypatch.setattr(reconstruct, "load_tensors", counting_load)
     posthoc_reconstruct(folder, tmp_path / "out", [0.07, 0.13, 0.2], input_stds=(0.05, 0.10))
     assert len(loads) == 32 and loads == [0] * 32
 
@@ -415,7 +417,7 @@ def test_ema_sweep_any_metric(generic_run, tmp_path):
 def test_ema_sweep_skips_unsupported_lengths_only_when_asked(generic_run, tmp_path):
     folder, _ = generic_run
     metric = lambda path: {"norm": float(_params(path)["2.weight"].norm())}  # noqa: E731
-    errors = posthoc.reconstruction_errors(folder, [0.005, 0.1], input_stds=(0.05, 0.10))
+    errors = reconstruct.reconstruction_errors(folder, [0.005, 0.1], input_stds=(0.05, 0.10))
     lines = []
     res = ema_sweep(folder, tmp_path / "a", [0.005, 0.1], metric, "norm", input_stds=(0.05, 0.10),
                     skip_unsupported=True, echo=lines.append)
@@ -591,9 +593,9 @@ def test_accuracy_study_command(tmp_path):
 def test_reconstruction_errors_predict_what_is_refused(generic_run, tmp_path):
     folder, _ = generic_run
     before = sorted(folder.iterdir())
-    errors = posthoc.reconstruction_errors(folder, [0.005, 0.13], input_stds=(0.05, 0.10))
+    errors = reconstruct.reconstruction_errors(folder, [0.005, 0.13], input_stds=(0.05, 0.10))
     assert sorted(folder.iterdir()) == before  # headers only, nothing written
-    assert errors[0.005] > posthoc.DEFAULT_MAX_ERROR > errors[0.13]
+    assert errors[0.005] > reconstruct.DEFAULT_MAX_ERROR > errors[0.13]
     (result,) = posthoc_reconstruct(folder, tmp_path / "o", [0.13], input_stds=(0.05, 0.10))
     assert result.profile_error == pytest.approx(errors[0.13], rel=1e-9)
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from edm2.checkpoint import load_snapshot, load_tensors, read_metadata
-from edm2.training import TrainOptions, find_checkpoints, train
+from edm2.checkpoint import find_checkpoints, load_snapshot, load_tensors, read_metadata
+from edm2.training import TrainOptions, train
 
 # 12 steps of 16 images on the minimal network; checkpoints every 2 steps.
 BASE = dict(data="digits", preset="cpu-tiny8", batch=16, duration=16 * 12, status=16 * 4, snapshot=16 * 4,

@@ -6,43 +6,18 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from edm2.checkpoint import atomic_write_text, load_network
 from edm2.generate import make_grid, sample_batch, save_png
-from edm2.metrics import DigitsJudge
-from edm2.posthoc import ema_sweep
+from edm2.metrics import DigitsJudge, DigitsQuality
+from edm2.sampling import SamplerSettings
+from edm2.sweep import ema_sweep
 from edm2.training import TrainOptions, train
 
-__all__ = ["DEMO_STDS", "run_demo", "DigitsQuality"]
+__all__ = ["DEMO_STDS", "run_demo"]
 
 DEMO_STDS = (0.030, 0.050, 0.070, 0.100, 0.130, 0.170, 0.220)
-
-
-@dataclass
-class DigitsQuality:
-    """Sample-quality metric of an 8x8 digits snapshot, for `edm2.posthoc.ema_sweep`: samples
-    `num_samples` digits (seed i has class i % 10, the same seeds for every snapshot) with `num_steps`
-    Heun steps and returns the judge's Frechet distance `fd` (lower is better) and class `accuracy`."""
-
-    judge: DigitsJudge
-    num_samples: int = 500
-    num_steps: int = 32
-    device: str = "cpu"
-
-    def __call__(self, path: Path) -> dict[str, float]:
-        net, _ = load_network(path, self.device)
-        if (net.img_resolution, net.img_channels, net.label_dim) != (8, 1, 10):
-            raise ValueError(f"{path}: the digits metric needs an 8x8 grayscale model with 10 classes, this one is "
-                             f"{net.img_resolution}x{net.img_resolution}x{net.img_channels} with {net.label_dim}")
-        seeds = list(range(self.num_samples))
-        classes = [s % 10 for s in seeds]
-        images, _ = sample_batch(net, seeds, class_idx=classes, num_steps=self.num_steps, device=self.device)
-        report = self.judge.evaluate(images.cpu(), np.array(classes))
-        return {"fd": report.fd, "accuracy": report.accuracy}
 
 
 def run_demo(outdir: str | Path, duration: int | None = None, num_samples: int = 500, num_steps: int = 32,
@@ -73,7 +48,7 @@ def run_demo(outdir: str | Path, duration: int | None = None, num_samples: int =
     echo("[4/4] writing a 10x10 grid, one row per class, from the best EMA ...")
     net, _ = load_network(best["path"])
     seeds = list(range(100))
-    images, _ = sample_batch(net, seeds, class_idx=[s // 10 for s in seeds], num_steps=num_steps)
+    images, _ = sample_batch(net, seeds, class_idx=[s // 10 for s in seeds], settings=SamplerSettings(num_steps))
     save_png(outdir / "grid.png", make_grid(images, cols=10, scale=4, gap=2))
 
     report = {

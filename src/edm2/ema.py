@@ -8,6 +8,7 @@ average the parameters of a `torch.nn.Module`.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 __all__ = [
     "exp_to_std", "std_to_exp", "power_function_beta", "power_function_response",
     "power_function_correlation", "solve_posthoc_coefficients", "PowerFunctionEMA", "TraditionalEMA",
+    "MAX_SIGMA_REL",
 ]
 
 ArrayLike = float | np.ndarray | Sequence[float]
@@ -38,6 +40,9 @@ def std_to_exp(std: ArrayLike) -> np.ndarray:
         roots = np.roots([1.0, 7.0, 16.0 - s2, 12.0 - s2])
         exp.append(roots[np.abs(roots.imag) <= 1e-9 * np.abs(roots)].real.max())
     return np.float64(exp).reshape(std.shape)
+
+
+MAX_SIGMA_REL = float(exp_to_std(0.0))  # 0.2887: the uniform average, the longest power-function EMA
 
 
 def power_function_beta(std: ArrayLike, t_next: ArrayLike, t_delta: ArrayLike) -> np.ndarray:
@@ -71,13 +76,15 @@ def power_function_correlation(a_ofs: ArrayLike, a_std: ArrayLike, b_ofs: ArrayL
 def solve_posthoc_coefficients(in_ofs: ArrayLike, in_std: ArrayLike, out_ofs: ArrayLike,
                                out_std: ArrayLike) -> np.ndarray:
     """Least-squares weights X [num_in, num_out] that combine the stored profiles (in_ofs, in_std) into
-    the requested ones (out_ofs, out_std). Columns are not normalized; divide by their sum to use them."""
+    the requested ones (out_ofs, out_std), each column normalized to sum 1 (as the official function): the
+    weights of the stored parameter sets."""
     in_ofs, in_std = np.broadcast_arrays(np.float64(in_ofs), np.float64(in_std))
     out_ofs, out_std = np.broadcast_arrays(np.float64(out_ofs), np.float64(out_std))
     col, row = (lambda v: v.reshape(-1, 1)), (lambda v: v.reshape(1, -1))
     A = power_function_correlation(col(in_ofs), col(in_std), row(in_ofs), row(in_std))
     B = power_function_correlation(col(in_ofs), col(in_std), row(out_ofs), row(out_std))
-    return np.linalg.lstsq(A, B, rcond=None)[0]
+    X = np.linalg.lstsq(A, B, rcond=None)[0]
+    return X / X.sum(axis=0, keepdims=True)
 
 
 def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
@@ -100,6 +107,7 @@ class PowerFunctionEMA:
         std_to_exp(self.stds)  # validate
         self.names = [name for name, _ in self.net.named_parameters()]
         self.emas = [[p.detach().clone() for p in self.net.parameters()] for _ in self.stds]
+        self._copies: list[torch.nn.Module] | None = None  # made by get()
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -114,6 +122,18 @@ class PowerFunctionEMA:
         for std, ema in zip(self.stds, self.emas):
             beta = float(power_function_beta(std=std, t_next=cur_nimg, t_delta=batch_size))
             torch._foreach_lerp_(ema, params, 1 - beta)
+
+    @torch.no_grad()
+    def get(self) -> list[tuple[torch.nn.Module, str]]:
+        """[(network, suffix)] per average, as the official class returns: a copy of the network holding the
+        averaged parameters and the live network's buffers, and its file-name suffix ('-0.050'). The copies
+        are made at the first call and refreshed in place by each later one."""
+        if self._copies is None:
+            self._copies = [copy.deepcopy(self.net).requires_grad_(False) for _ in self.stds]
+        for ema, copy_net in zip(self.emas, self._copies):
+            torch._foreach_copy_(list(copy_net.parameters()), ema)
+            torch._foreach_copy_(list(copy_net.buffers()), list(self.net.buffers()))
+        return [(copy_net, f"-{std:.3f}") for std, copy_net in zip(self.stds, self._copies)]
 
     def state_dicts(self) -> list[tuple[float, dict[str, torch.Tensor]]]:
         """(sigma_rel, state dict) of each average; buffers are taken from the live module."""

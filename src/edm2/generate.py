@@ -1,36 +1,24 @@
-"""Generate images from a network: per-seed noise, class selection, guidance, PNG output and grids."""
+"""Generate images from a network: per-seed noise and classes, guidance, PNG output and grids.
+
+Each image depends on its seed only, drawn in the official `generate_images.py` order: from the seed's own
+generator, first the noise, then (for a class-conditional network) a class, drawn even when the class is
+given so that the churn noise that follows is the official one, then the sampler's churn noise.
+"""
 
 from __future__ import annotations
 
-import os
-import re
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from edm2.checkpoint import atomic_output
 from edm2.data import to_uint8
-from edm2.distributed import world_info
-from edm2.layers import fast_paths
-from edm2.sampling import StackedRandomGenerator, edm_sampler
+from edm2.runtime import fast_paths_for, prepare_for_sampling, set_cuda_math, world_info
+from edm2.sampling import SamplerSettings, StackedRandomGenerator
 
-__all__ = ["parse_seeds", "sample_batch", "generate_images", "save_png", "make_grid", "prepare_network"]
-
-
-def parse_seeds(text: str) -> list[int]:
-    """'0-63,100,200-201' -> [0, ..., 63, 100, 200, 201]; ValueError for malformed ranges."""
-    seeds: list[int] = []
-    for part in str(text).split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        if not m:
-            raise ValueError(f"malformed seed list {text!r}; use e.g. 0-63 or 1,5,10-20")
-        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        if hi < lo:
-            raise ValueError(f"malformed seed range {part.strip()!r}: end before start")
-        seeds.extend(range(lo, hi + 1))
-    return seeds
+__all__ = ["sample_batch", "generate_images", "save_png", "make_grid"]
 
 
 def sample_batch(
@@ -38,35 +26,27 @@ def sample_batch(
     seeds: Sequence[int],
     class_idx: int | Sequence[int] | None = None,
     gnet: torch.nn.Module | None = None,
-    guidance: float = 1.0,
-    num_steps: int = 32,
-    S_churn: float = 0.0,
-    S_min: float = 0.0,
-    S_max: float = float("inf"),
-    S_noise: float = 1.0,
+    settings: SamplerSettings = SamplerSettings(),
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Images in [-1, 1] for `seeds` (each depends only on its seed) and their class indices.
 
-    `class_idx`: one class for all, one per seed, or None for a random class drawn from each seed.
+    `class_idx`: one class for all, one per seed, or None for the class drawn from each seed.
     """
     rnd = StackedRandomGenerator(device, seeds)
     n = len(seeds)
     noise = rnd.randn([n, net.img_channels, net.img_resolution, net.img_resolution])
     classes = labels = None
     if net.label_dim:
-        if class_idx is None:
-            classes = rnd.randint(net.label_dim, [n, 1])[:, 0]
-        else:
+        classes = rnd.randint(net.label_dim, [n])  # drawn in any case: it moves each seed's stream
+        if class_idx is not None:
             classes = torch.as_tensor(class_idx, device=device).expand(n) if np.ndim(class_idx) == 0 \
                 else torch.as_tensor(class_idx, device=device)
             if int(classes.min()) < 0 or int(classes.max()) >= net.label_dim:
                 raise ValueError(f"class {class_idx} outside 0..{net.label_dim - 1}")
         labels = torch.nn.functional.one_hot(classes, net.label_dim).to(torch.float32)
     with torch.no_grad():
-        images = edm_sampler(net, noise, labels, gnet=gnet, num_steps=num_steps, guidance=guidance,
-                             S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise,
-                             randn_like=rnd.randn_like)
+        images = settings.sample(net, noise, labels, gnet=gnet, randn_like=rnd.randn_like)
     return images, classes
 
 
@@ -76,15 +56,8 @@ def save_png(path: str | Path, image: torch.Tensor) -> None:
 
     arr = to_uint8(image).permute(1, 2, 0).cpu().numpy()
     img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr[:, :, :3])
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        img.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp:
+        img.save(tmp, format="PNG")
 
 
 def make_grid(images: torch.Tensor, cols: int | None = None, scale: int = 1, gap: int = 0,
@@ -103,68 +76,59 @@ def make_grid(images: torch.Tensor, cols: int | None = None, scale: int = 1, gap
     return grid[:, :rows * h - gap, :cols * w - gap]
 
 
-def prepare_network(net: torch.nn.Module, precision: str = "fp32", compile: bool = False) -> torch.nn.Module:
-    """`net` (a Precond) set up for sampling: eval mode without gradients, the U-Net at `precision`
-    ('fp32', 'bf16', 'fp16'), channels_last with low precision (where it pays), optionally torch.compile'd.
-    Check the precision against the device first (`edm2.networks.resolve_precision`)."""
-    net = net.eval().requires_grad_(False).set_precision(precision)
-    if precision != "fp32":
-        net = net.to(memory_format=torch.channels_last)
-    return torch.compile(net) if compile else net
+def _check_classes(net: torch.nn.Module, seeds: Sequence[int], class_idx) -> None:
+    label_dim = getattr(net, "label_dim", 0)
+    if class_idx is not None and label_dim and not all(0 <= int(c) < label_dim for c in np.atleast_1d(class_idx)):
+        raise ValueError(f"class {class_idx} outside 0..{label_dim - 1}")
+    if class_idx is not None and np.ndim(class_idx) > 0 and len(class_idx) != len(seeds):
+        raise ValueError(f"{len(class_idx)} classes for {len(seeds)} seeds")
 
 
 def generate_images(
     net: torch.nn.Module,
     seeds: Sequence[int],
     outdir: str | Path | None,
+    settings: SamplerSettings = SamplerSettings(),
     batch_size: int = 64,
     grid: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
     class_idx: int | Sequence[int] | None = None,
     gnet: torch.nn.Module | None = None,
-    guidance: float = 1.0,
-    num_steps: int = 32,
-    S_churn: float = 0.0,
-    S_min: float = 0.0,
-    S_max: float = float("inf"),
-    S_noise: float = 1.0,
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     compile: bool = False,
+    allow_tf32: bool = False,
 ) -> torch.Tensor:
     """Sample `seeds` in batches, write `<outdir>/<seed:06d>.png` per seed and an optional grid PNG.
     Returns all images [N, C, H, W] in [-1, 1], in the order of `seeds`.
 
     In a torch.distributed process group the batches are dealt out to the processes in turn; each writes
     its own PNGs, and every process returns all images (rank 0 writes the grid). Images depend on their
-    seeds only, so they equal those of a single process. `precision` and `compile` go to
-    `prepare_network` (for `net` and `gnet`); anything but plain float32 eager also switches on the
-    fast attention and norm paths (edm2.layers.FAST_PATHS), which change results by rounding only.
+    seeds only, so they equal those of a single process. `precision`, `compile` and `allow_tf32` select
+    the runtime (`edm2.runtime`); anything but plain float32 eager also switches on the fast attention and
+    norm paths, which change results by rounding only.
     """
     if not seeds:
         raise ValueError("no seeds given")
     if batch_size <= 0:
         raise ValueError(f"--batch must be positive, got {batch_size}")
-    label_dim = getattr(net, "label_dim", 0)
-    if class_idx is not None and label_dim and not all(0 <= int(c) < label_dim for c in np.atleast_1d(class_idx)):
-        raise ValueError(f"class {class_idx} outside 0..{label_dim - 1}")
+    if settings.guidance != 1 and gnet is None:
+        raise ValueError(f"--guidance {settings.guidance} needs a guide model: pass --gnet SNAPSHOT")
+    _check_classes(net, seeds, class_idx)
     per_seed = class_idx is not None and np.ndim(class_idx) > 0
-    if per_seed and len(class_idx) != len(seeds):
-        raise ValueError(f"{len(class_idx)} classes for {len(seeds)} seeds")
-    net = prepare_network(net, precision, compile)
-    gnet = None if gnet is None else prepare_network(gnet, precision, compile)
+    set_cuda_math(torch.device(device), allow_tf32)
+    net = prepare_for_sampling(net, precision, compile)
+    gnet = None if gnet is None else prepare_for_sampling(gnet, precision, compile)
     if outdir is not None:
         Path(outdir).mkdir(parents=True, exist_ok=True)
     rank, world = world_info()
     starts = list(range(0, len(seeds), batch_size))[rank::world]
     mine: dict[int, torch.Tensor] = {}
-    fast = precision != "fp32" or compile
-    with fast_paths(sdpa=fast, strided_norm=fast):
+    with fast_paths_for(precision, compile):
         for done, start in enumerate(starts, 1):
             chunk = list(seeds[start:start + batch_size])
             classes = list(class_idx[start:start + batch_size]) if per_seed else class_idx
-            images, _ = sample_batch(net, chunk, class_idx=classes, gnet=gnet, guidance=guidance, num_steps=num_steps,
-                                     S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, device=device)
+            images, _ = sample_batch(net, chunk, class_idx=classes, gnet=gnet, settings=settings, device=device)
             images = images.cpu()
             if outdir is not None:
                 for seed, image in zip(chunk, images):

@@ -1,19 +1,24 @@
 """EDM samplers (EDM paper, Algorithms 1 and 2) over any denoiser callable `D(x, sigma, labels)`.
 
 The sampler knows nothing of networks or files: pass a `Precond`, an analytic denoiser, or a guided
-combination. `StackedRandomGenerator` makes every image depend on its own seed only.
+combination. `SamplerSettings` carries the sampler's options as one object from the command line down to
+`edm_sampler`. `StackedRandomGenerator` makes every image depend on its own seed only.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-__all__ = ["edm_sigma_steps", "edm_sampler", "StackedRandomGenerator", "Denoiser"]
+__all__ = ["edm_sigma_steps", "edm_sampler", "SamplerSettings", "SOLVERS", "StackedRandomGenerator", "Denoiser"]
 
 Denoiser = Callable[..., torch.Tensor]
+SOLVERS = ("heun", "euler")
 
 
 def edm_sigma_steps(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
@@ -53,8 +58,8 @@ def edm_sampler(
     with `solver='euler'`. S_churn > 0 adds the stochastic churn of EDM Algorithm 2 on steps with
     S_min <= sigma <= S_max. With guidance w != 1 every evaluation is gnet + w (net - gnet).
     """
-    if solver not in ("heun", "euler"):
-        raise ValueError(f"solver must be 'heun' or 'euler', got {solver!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
     if guidance != 1 and gnet is None:
         raise ValueError(f"guidance={guidance} needs a guide network (gnet)")
 
@@ -80,6 +85,52 @@ def edm_sampler(
             d_prime = (x_next - denoise(x_next, t_next)) / t_next
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
     return x_next
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """Every option of `edm_sampler` but its inputs, as one value (defaults: the EDM2 paper's sampling)."""
+
+    num_steps: int = 32
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    guidance: float = 1.0
+    S_churn: float = 0.0
+    S_min: float = 0.0
+    S_max: float = float("inf")
+    S_noise: float = 1.0
+    solver: str = "heun"
+
+    def __post_init__(self) -> None:
+        if self.num_steps < 1:
+            raise ValueError(f"--steps must be at least 1, got {self.num_steps}")
+        if not 0 < self.sigma_min < self.sigma_max < math.inf:
+            raise ValueError(f"need 0 < --sigma-min < --sigma-max, got {self.sigma_min} and {self.sigma_max}")
+        if not self.rho > 0:
+            raise ValueError(f"--rho must be positive, got {self.rho}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"--solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
+        if self.S_churn < 0 or self.S_noise < 0 or self.S_min > self.S_max:
+            raise ValueError(f"need --S-churn >= 0, --S-noise >= 0 and --S-min <= --S-max, got {self.S_churn}, "
+                             f"{self.S_noise}, {self.S_min}, {self.S_max}")
+
+    @property
+    def evaluations(self) -> int:
+        """Network evaluations per image (times two with guidance)."""
+        return 2 * self.num_steps - 1 if self.solver == "heun" else self.num_steps
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def sample(self, net: Denoiser, noise: torch.Tensor, labels: torch.Tensor | None = None,
+               gnet: Denoiser | None = None,
+               randn_like: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like) -> torch.Tensor:
+        """`edm_sampler` with these settings."""
+        return edm_sampler(net, noise, labels, gnet=gnet, num_steps=self.num_steps, sigma_min=self.sigma_min,
+                           sigma_max=self.sigma_max, rho=self.rho, guidance=self.guidance, S_churn=self.S_churn,
+                           S_min=self.S_min, S_max=self.S_max, S_noise=self.S_noise, randn_like=randn_like,
+                           solver=self.solver)
 
 
 class StackedRandomGenerator:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["ImageDataset", "open_dataset", "to_model_space", "to_uint8", "InfiniteSampler"]
+__all__ = ["ImageDataset", "open_dataset", "to_model_space", "to_uint8", "load_digits_dataset"]
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg"}
 
@@ -202,27 +202,3 @@ def open_dataset(path: str | Path) -> ImageDataset:
             raise ValueError(f"{path}: not a readable zip file ({e})") from None
         return _load_files(files, str(path))
     raise ValueError(f"{path}: unsupported data file; pass an image folder, a .zip, a .npz or 'digits'")
-
-
-class InfiniteSampler:
-    """Deterministic endless shuffled index stream: the indices of global batch k depend only on
-    (seed, k), so training resumes exactly and splits over ranks without state."""
-
-    def __init__(self, num_items: int, seed: int) -> None:
-        self.num_items = num_items
-        self.seed = seed
-        self._perm_cache: dict[int, np.ndarray] = {}
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perm_cache:
-            self._perm_cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.num_items)}
-        return self._perm_cache[epoch]
-
-    def indices(self, start: int, count: int) -> np.ndarray:
-        """Items number start .. start+count-1 of the stream."""
-        pos = np.arange(start, start + count)
-        out = np.empty(count, dtype=np.int64)
-        for epoch in np.unique(pos // self.num_items):
-            sel = pos // self.num_items == epoch
-            out[sel] = self._perm(int(epoch))[pos[sel] % self.num_items]
-        return out

@@ -24,31 +24,13 @@ from edm2.layers import (
     resample,
 )
 
-__all__ = [
-    "Block", "UNet", "Precond", "PRECISIONS", "LOW_PRECISION_DTYPES", "resolve_precision",
-    "normalize", "resample", "mp_silu", "mp_sum", "mp_cat", "MPFourier", "MPConv",
-]
+__all__ = ["Block", "UNet", "Precond", "PRECISIONS", "LOW_PRECISION_DTYPES"]
 
 
 # Precisions of the U-Net's activations (Precond.set_precision); preconditioning, the uncertainty head,
 # Fourier features, weight and activation norms stay float32 in every one of them.
 PRECISIONS = ("fp32", "bf16", "fp16")
 LOW_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_precision(precision: str | None, device: torch.device, use_fp16: bool = False) -> str:
-    """The precision to run in: `precision` checked against the device, or the default for None
-    (float16 on CUDA for networks built with use_fp16, as the official code; float32 otherwise)."""
-    if precision is None:
-        return "fp16" if use_fp16 and device.type == "cuda" else "fp32"
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError(f"--precision fp16 needs a CUDA device (float16 with loss scaling is not supported on "
-                         f"{device.type}); use --precision bf16 or fp32")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("--precision bf16 is not supported by this CUDA device; use --precision fp16 or fp32")
-    return precision
 
 
 class Block(torch.nn.Module):
@@ -152,6 +134,8 @@ class UNet(torch.nn.Module):
         attn_balance: float = 0.3,
         clip_act: float | None = 256,
     ) -> None:
+        # One function on purpose (longer than our usual 60 lines): it reads top to bottom like the U-Net of
+        # EDM2 Figure 21, level by level, and builds the module names of the official checkpoints.
         super().__init__()
         cblock = [model_channels * m for m in channel_mult]
         cnoise = model_channels * channel_mult_noise if channel_mult_noise is not None else cblock[0]
@@ -268,7 +252,7 @@ class Precond(torch.nn.Module):
     def set_precision(self, precision: str | None) -> Precond:
         """Run the U-Net in 'fp32', 'bf16' or 'fp16' (under torch.autocast, on activations of that dtype).
         None restores the default: float16 on CUDA when `use_fp16` (as the official code), else float32.
-        Whether the device supports the dtype is the caller's business (see `edm2.training`)."""
+        Whether the device supports the dtype is checked by `edm2.runtime.resolve_precision`."""
         if precision is not None and precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         self.precision = precision

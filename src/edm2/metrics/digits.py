@@ -1,6 +1,6 @@
-"""Sample-quality metrics: Frechet distance, and the digits judge used by the demo and the EMA sweep.
+"""The digits judge, used by the demo and `edm2 ema-sweep` on digits models.
 
-The digits judge is a small neural-network classifier trained on the real 8x8 digits (scikit-learn). It
+The judge is a small neural-network classifier trained on the real 8x8 digits (scikit-learn). It
 reports how often generated samples are recognised as their conditioning class, and the Frechet
 distance between generated and real digits in its hidden-layer feature space (an FID-like number).
 """
@@ -8,24 +8,14 @@ distance between generated and real digits in its hidden-layer feature space (an
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["frechet_distance", "DigitsJudge"]
+from edm2.metrics.frechet import frechet_distance
 
-
-def frechet_distance(feat_a: np.ndarray, feat_b: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets [N, D]:
-    |mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a^1/2 S_b S_a^1/2)^1/2).
-
-    Computed with symmetric eigendecompositions, so singular covariances (dead features) are fine."""
-    mu_a, mu_b = feat_a.mean(0), feat_b.mean(0)
-    s_a, s_b = np.atleast_2d(np.cov(feat_a, rowvar=False)), np.atleast_2d(np.cov(feat_b, rowvar=False))
-    w, v = np.linalg.eigh(s_a)
-    sqrt_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh(sqrt_a @ s_b @ sqrt_a), 0, None)).sum()
-    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(s_a) + np.trace(s_b) - 2 * cross)
+__all__ = ["DigitsJudge", "JudgeReport", "DigitsQuality"]
 
 
 @dataclass
@@ -67,3 +57,31 @@ class DigitsJudge:
             raise ValueError(f"the digits judge takes 8x8 grayscale images, got {list(np.shape(images))[1:]}")
         accuracy = float((self.clf.predict(x) == np.asarray(classes)).mean())
         return JudgeReport(accuracy, frechet_distance(self.features(x), self.real_features), len(x))
+
+
+@dataclass
+class DigitsQuality:
+    """Sample-quality metric of an 8x8 digits snapshot, for `edm2.sweep.ema_sweep`: samples `num_samples`
+    digits (seed i has class i % 10, the same seeds for every snapshot) with `num_steps` Heun steps and
+    returns the judge's Frechet distance `fd` (lower is better) and class `accuracy`."""
+
+    judge: DigitsJudge
+    num_samples: int = 500
+    num_steps: int = 32
+    device: str = "cpu"
+
+    def __call__(self, path: Path) -> dict[str, float]:
+        from edm2.checkpoint import load_network
+        from edm2.generate import sample_batch
+        from edm2.sampling import SamplerSettings
+
+        net, _ = load_network(path, self.device)
+        if (net.img_resolution, net.img_channels, net.label_dim) != (8, 1, 10):
+            raise ValueError(f"{path}: the digits metric needs an 8x8 grayscale model with 10 classes, this one is "
+                             f"{net.img_resolution}x{net.img_resolution}x{net.img_channels} with {net.label_dim}")
+        seeds = list(range(self.num_samples))
+        classes = [s % 10 for s in seeds]
+        images, _ = sample_batch(net, seeds, class_idx=classes, settings=SamplerSettings(num_steps=self.num_steps),
+                                 device=self.device)
+        report = self.judge.evaluate(images.cpu(), np.array(classes))
+        return {"fd": report.fd, "accuracy": report.accuracy}

@@ -1,0 +1,62 @@
+"""`edm2 generate`."""
+
+from __future__ import annotations
+
+import click
+
+from edm2.cli.app import friendly_errors, main, one_voice
+from edm2.cli.params import parse_seeds, sampler_options
+
+
+@main.command()
+@click.option("--net", "net_path", required=True, type=click.Path(), help="Snapshot file (.safetensors).")
+@click.option("--outdir", type=click.Path(file_okay=False), help="Folder for one PNG per seed.")
+@click.option("--seeds", default="0-63", show_default=True, help="Seeds, e.g. 0-63 or 1,5,10-20.")
+@click.option("--class", "class_idx", type=int, help="Class for all images.  [default: random per seed]")
+@click.option("--gnet", "gnet_path", type=click.Path(), help="Guide snapshot (e.g. a small unconditional model).")
+@click.option("--batch", "batch_size", type=int, default=64, show_default=True, help="Images per batch.")
+@click.option("--grid", type=click.Path(dir_okay=False), help="Also write all images as one grid PNG.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="U-Net precision: fp32, bf16 (also on CPU) or fp16 (CUDA).  "
+                   "[default: fp16 on CUDA for networks with use_fp16, else fp32]")
+@click.option("--compile", "compile_net", is_flag=True, help="torch.compile the network (slow start, faster steps).")
+@click.option("--allow-tf32", is_flag=True, help="TF32 in CUDA convolutions and matrix products.")
+@friendly_errors
+@sampler_options()
+def generate(net_path, outdir, seeds, class_idx, gnet_path, batch_size, grid, device, precision, compile_net,
+             allow_tf32, settings) -> None:
+    """Generate images from a snapshot; an image depends only on its seed. Under torchrun, the seeds are
+    split over the processes."""
+    from tqdm import tqdm
+
+    from edm2.checkpoint import load_network
+    from edm2.generate import generate_images
+    from edm2.runtime import distributed, resolve_device, resolve_precision
+
+    if outdir is None and grid is None:
+        raise ValueError("nothing to write: give --outdir and/or --grid")
+    seed_list = parse_seeds(seeds)
+    with one_voice(), distributed(device) as (rank, _):
+        device = resolve_device(device)
+        net, _ = load_network(net_path, device)
+        gnet = load_network(gnet_path, device)[0] if gnet_path else None
+        precision = resolve_precision(precision, device, net.use_fp16)
+        bar = None  # created at the first finished batch, so that an early error stays a single line
+
+        def progress(done: int, total: int) -> None:
+            nonlocal bar
+            if rank == 0:
+                bar = bar or tqdm(total=total, unit="img")
+                bar.update(done - bar.n)
+
+        try:
+            generate_images(net, seed_list, outdir, settings, batch_size=batch_size, grid=grid, progress=progress,
+                            class_idx=class_idx, gnet=gnet, device=device, precision=precision,
+                            compile=compile_net, allow_tf32=allow_tf32)
+        finally:
+            if bar is not None:
+                bar.close()
+    where = (f" to {outdir}" if outdir else "") + (f", grid {grid}" if grid else "")
+    if rank == 0:
+        click.echo(f"wrote {len(seed_list)} images{where}")

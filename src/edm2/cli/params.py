@@ -1,0 +1,150 @@
+"""Parsers of command-line values (image counts, seeds, number lists, EMA lengths) and the shared option sets.
+They turn text into the library's values; the library checks what the values mean."""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Callable, Sequence
+
+import click
+
+from edm2.ema import MAX_SIGMA_REL
+from edm2.sampling import SOLVERS, SamplerSettings
+
+__all__ = ["UNITS", "parse_nimg", "NIMG", "parse_seeds", "parse_floats", "parse_std_list", "parse_std_for",
+           "sampler_options"]
+
+UNITS = {"": 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+
+
+def parse_nimg(text: str) -> int:
+    """'2048', '512Ki', '8Mi', '1.5Gi' -> number of images."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi)?\s*", str(text))
+    if not m:
+        raise ValueError(f"bad image count {text!r}; use a number with optional Ki/Mi/Gi suffix, e.g. 8Mi")
+    value = float(m.group(1)) * UNITS[m.group(2) or ""]
+    if value != int(value):
+        raise ValueError(f"image count {text!r} is not a whole number of images")
+    return int(value)
+
+
+class ImageCount(click.ParamType):
+    """An image count with optional Ki/Mi/Gi suffix, as a click parameter type."""
+
+    name = "IMAGES"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_nimg(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+NIMG = ImageCount()
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-63,100,200-201' -> [0, ..., 63, 100, 200, 201]; ValueError for malformed ranges."""
+    seeds: list[int] = []
+    for part in str(text).split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m:
+            raise ValueError(f"malformed seed list {text!r}; use e.g. 0-63 or 1,5,10-20")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise ValueError(f"malformed seed range {part.strip()!r}: end before start")
+        seeds.extend(range(lo, hi + 1))
+    return seeds
+
+
+def parse_floats(text: str, option: str) -> list[float]:
+    """'0.05,0.1' -> [0.05, 0.1]."""
+    try:
+        values = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{option} is empty")
+    return values
+
+
+
+def parse_std_list(text: str, option: str = "--std") -> tuple[list[float], list[float]]:
+    """('0.05,0.1' or the inclusive range 'start:stop:step') -> (values, dropped).
+
+    A range is a grid over an interval: its points outside (0, 0.2887), the range of power-function EMAs,
+    are returned as `dropped`. Values of a comma list are all returned (and checked when used).
+    """
+    text = str(text).strip()
+    if ":" in text:
+        parts = text.split(":")
+        try:
+            start, stop, step = (float(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"{option} range must be start:stop:step with numbers, got {text!r}") from None
+        if not step > 0 or stop < start:
+            raise ValueError(f"{option} range {text!r} needs step > 0 and stop >= start")
+        count = math.floor((stop - start) / step + 1e-9) + 1
+        if count > 1000:
+            raise ValueError(f"{option} range {text!r} has {count} values; use a coarser step")
+        grid = [round(start + i * step, 10) for i in range(count)]
+        return [s for s in grid if 0 < s < MAX_SIGMA_REL], [s for s in grid if not 0 < s < MAX_SIGMA_REL]
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated numbers or start:stop:step, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{option} is empty")
+    return values, []
+
+
+def parse_std_for(items: Sequence[str], option: str = "--std-for") -> tuple[tuple[str, float], ...]:
+    """['unet.enc.*=0.05', ...] -> (('unet.enc.*', 0.05), ...), in the given order (first match wins)."""
+    pairs = []
+    for item in items:
+        pattern, eq, value = str(item).rpartition("=")
+        try:
+            std = float(value)
+        except ValueError:
+            std = None
+        if not eq or not pattern.strip() or std is None:
+            raise ValueError(f"{option} takes PATTERN=SIGMA_REL (e.g. 'unet.enc.*=0.05'), got {item!r}")
+        pairs.append((pattern.strip(), std))
+    return tuple(pairs)
+
+
+# (option, SamplerSettings field, type, help)
+_SAMPLER_OPTIONS = [
+    ("--steps", "num_steps", int, "Sampler steps (Heun: 2*steps-1 network evaluations)."),
+    ("--sigma-min", "sigma_min", float, "Lowest noise level of the time steps."),
+    ("--sigma-max", "sigma_max", float, "Highest noise level (the noise the sampler starts from)."),
+    ("--rho", "rho", float, "Time-step exponent (EDM Eq. 5)."),
+    ("--solver", "solver", click.Choice(SOLVERS), "ODE solver: heun (2nd order) or euler (1st order)."),
+    ("--guidance", "guidance", float, "Guidance weight w (needs --gnet when not 1)."),
+    ("--S-churn", "S_churn", float, "Stochasticity (EDM Algorithm 2); 0: deterministic."),
+    ("--S-min", "S_min", float, "Churn only for sigma >= S_min."),
+    ("--S-max", "S_max", float, "... and sigma <= S_max."),
+    ("--S-noise", "S_noise", float, "Churn noise scale."),
+]
+
+
+def sampler_options(defaults: SamplerSettings = SamplerSettings()) -> Callable:
+    """Decorator: the sampler's options, handed to the command as one `settings: SamplerSettings` argument."""
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            values = {field: kwargs.pop(field) for _, field, _, _ in _SAMPLER_OPTIONS}
+            return fn(*args, settings=SamplerSettings(**values), **kwargs)
+
+        for option, field, kind, help in reversed(_SAMPLER_OPTIONS):
+            wrapper = click.option(option, field, type=kind, default=getattr(defaults, field), show_default=True,
+                                   help=help)(wrapper)
+        return wrapper
+
+    return decorate
+

@@ -1,0 +1,99 @@
+"""`edm2 reconstruct` and `edm2 ema-sweep`: post-hoc EMA from a run's snapshots."""
+
+from __future__ import annotations
+
+import click
+
+from edm2.cli.app import friendly_errors, main
+from edm2.cli.params import NIMG, parse_std_for, parse_std_list
+
+
+def _posthoc_options(fn):
+    """Options shared by `reconstruct` and `ema-sweep`: which snapshots to use and how strictly."""
+    fn = click.option("--allow-gaps", is_flag=True, help="Accept irregular snapshot series (missing snapshots).")(fn)
+    fn = click.option("--max-error", type=float, default=0.1, show_default=True,
+                      help="Largest accepted relative squared L2 error of a reconstructed weighting profile.")(fn)
+    fn = click.option("--from-std", "from_stds",
+                      help="Use only the snapshots of these tracked sigma_rel (e.g. 0.10: one average per "
+                           "snapshot).  [default: all]")(fn)
+    fn = click.option("--nimg", type=NIMG, help="Target training time in images.  [default: last snapshot]")(fn)
+    return fn
+
+
+def _note_dropped(dropped: list[float]) -> None:
+    if dropped:
+        click.echo(f"note: skipping sigma_rel {', '.join(f'{s:g}' for s in dropped)} of the range: power-function "
+                   "EMAs span (0, 0.2887)")
+
+
+@main.command()
+@click.option("--indir", required=True, type=click.Path(), help="Training run folder or folder of snapshots.")
+@click.option("--outdir", required=True, type=click.Path(file_okay=False), help="Where to write the results.")
+@click.option("--std", "stds", required=True,
+              help="EMA lengths sigma_rel: a comma list (0.10,0.15) or start:stop:step (0.05:0.20:0.05).")
+@click.option("--std-for", "std_for", multiple=True,
+              help="PATTERN=SIGMA_REL: another length for tensors whose name matches the fnmatch PATTERN "
+                   "(repeatable; the first match wins), e.g. 'unet.enc.*=0.05'.")
+@_posthoc_options
+@friendly_errors
+def reconstruct(indir, outdir, stds, std_for, nimg, from_stds, max_error, allow_gaps) -> None:
+    """Post-hoc EMA: synthesize EMA lengths at any time from a run's snapshots."""
+    from edm2.reconstruct import EMATarget, posthoc_reconstruct
+
+    values, dropped = parse_std_list(stds, "--std")
+    per_tensor = parse_std_for(std_for)
+    inputs = None if from_stds is None else parse_std_list(from_stds, "--from-std")[0]
+    _note_dropped(dropped)
+    results = posthoc_reconstruct(indir, outdir, [EMATarget(s, per_tensor) for s in values], nimg, inputs,
+                                  max_error, allow_gaps)
+    for r in results:
+        detail = ""
+        if len(r.profile_errors) > 1:
+            detail = " (" + ", ".join(f"{s:.3f}: {e:.2e}" for s, e in r.profile_errors.items()) + ")"
+        extra = "".join(f", {p}={s:.3f}" for p, s in r.per_tensor)
+        click.echo(f"sigma_rel {r.sigma_rel:.3f}{extra} at {r.nimg} images from {r.num_snapshots} snapshots: "
+                   f"profile error {r.profile_error:.2e}{detail} -> {r.path}")
+
+
+@main.command("ema-sweep")
+@click.option("--run", "run_dir", required=True, type=click.Path(),
+              help="Training run folder or folder of snapshots (a digits model for the built-in metric).")
+@click.option("--outdir", type=click.Path(file_okay=False), help="Output folder.  [default: RUN/ema-sweep]")
+@click.option("--std", "stds", default="0.02:0.28:0.01", show_default=True,
+              help="EMA lengths: start:stop:step (inclusive; lengths the snapshots do not support are "
+                   "skipped) or a comma list (all must be supported).")
+@click.option("--samples", type=int, default=500, show_default=True, help="Samples judged per EMA length.")
+@click.option("--steps", type=int, default=16, show_default=True, help="Heun sampler steps per sample.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto.")
+@_posthoc_options
+@friendly_errors
+def ema_sweep(run_dir, outdir, stds, samples, steps, device, nimg, from_stds, max_error, allow_gaps) -> None:
+    """Quality against EMA length: reconstruct each length, judge digit samples, plot, pick the best."""
+    from pathlib import Path
+
+    from edm2.metrics import DigitsJudge, DigitsQuality
+    from edm2.runtime import resolve_device
+    from edm2.sweep import ema_sweep as sweep
+
+    values, dropped = parse_std_list(stds, "--std")
+    inputs = None if from_stds is None else parse_std_list(from_stds, "--from-std")[0]
+    if samples < 2 or steps < 1:
+        raise ValueError(f"--samples must be >= 2 and --steps >= 1, got {samples} and {steps}")
+    _note_dropped(dropped)
+    device = str(resolve_device(device))
+    outdir = Path(outdir) if outdir else Path(run_dir) / "ema-sweep"
+    result = sweep(run_dir, outdir, values, DigitsQuality(DigitsJudge(), samples, steps, device), key="fd",
+                   nimg=nimg, input_stds=inputs, max_error=max_error, allow_gaps=allow_gaps,
+                   skip_unsupported=":" in stds, secondary="accuracy",
+                   title=f"digits: Frechet distance vs EMA length ({samples} samples)", echo=click.echo)
+    click.echo("sigma_rel  profile error  Frechet distance  class accuracy")
+    for r in result.rows:
+        mark = "  <- best" if r is result.best else ""
+        click.echo(f"  {r['sigma_rel']:.3f}     {r['profile_error']:.1e}      {r['fd']:9.4f}       "
+                   f"{100 * r['accuracy']:5.1f} %{mark}")
+    b = result.best
+    click.echo(f"best sigma_rel {b['sigma_rel']:.3f} (Frechet distance {b['fd']:.4f}, accuracy "
+               f"{100 * b['accuracy']:.1f} %) -> {b['path']}")
+    if result.best_at_edge:
+        click.echo("note: the best length is at the end of the range; the optimum may lie outside it")
+    click.echo(f"table {result.json_path}, plot {result.plot_path}")

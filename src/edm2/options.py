@@ -1,0 +1,119 @@
+"""What a user asks of a training run (`TrainOptions`) and the run it resolves to (`RunConfig`): options
+combined with the preset and checked against the dataset, before any file is touched."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from edm2 import runtime
+from edm2.presets import get_preset
+
+__all__ = ["TrainOptions", "RunConfig", "resolve_run"]
+
+
+@dataclass
+class TrainOptions:
+    """What the user asks for; None means 'take it from the preset'. Image counts are in images."""
+
+    outdir: str
+    data: str = "digits"
+    preset: str = "cpu-digits8"
+    cond: bool = True
+    duration: int | None = None
+    batch: int | None = None
+    batch_gpu: int | None = None  # micro-batch per process; gradient accumulation when smaller
+    lr: float | None = None
+    decay: float | None = None
+    dropout: float | None = None
+    P_mean: float | None = None
+    P_std: float | None = None
+    status: int | None = None
+    snapshot: int | None = None
+    checkpoint: int | None = None
+    ema_stds: tuple[float, ...] | None = None
+    seed: int = 0
+    device: str = "auto"
+    precision: str | None = None  # fp32, bf16 or fp16; None: fp16 on CUDA for use_fp16 presets, else fp32
+    compile: bool = False  # torch.compile the network
+    allow_tf32: bool = False  # TF32 in CUDA convolutions and matrix products (the official code keeps it off)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The fully resolved run, written to training_options.json; a resumed run must match it."""
+
+    data: str
+    dataset: dict
+    preset: str
+    network: dict
+    batch: int
+    batch_gpu: int
+    lr: float
+    decay: float
+    rampup_Mimg: float
+    P_mean: float
+    P_std: float
+    ema_stds: tuple[float, ...]
+    seed: int
+    duration: int
+    status: int
+    snapshot: int
+    checkpoint: int
+    precision: str = "fp32"
+    compile: bool = False
+    processes: int = 1
+    allow_tf32: bool = False
+
+    # Fields that may change between a run and its resumption (the number of processes too: the data
+    # stream, the noise and the optimizer state do not depend on it).
+    MUTABLE = ("duration", "status", "snapshot", "checkpoint", "batch_gpu", "precision", "compile", "processes",
+               "allow_tf32")
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def identity(self) -> dict:
+        return {k: v for k, v in self.to_dict().items() if k not in self.MUTABLE}
+
+
+def resolve_run(opts: TrainOptions, dataset, world: int | None = None) -> RunConfig:
+    """Combine options, preset and dataset into a RunConfig; ValueError for inconsistent requests.
+    `world` is the number of processes (default: that of the current process group)."""
+    preset = get_preset(opts.preset)
+    net, tr = preset.network, preset.training
+    if dataset.resolution != net.img_resolution or dataset.channels != net.img_channels:
+        raise ValueError(f"dataset {dataset.name} is {dataset.resolution}x{dataset.resolution}x{dataset.channels} "
+                         f"but preset {preset.name} expects {net.img_resolution}x{net.img_resolution}x"
+                         f"{net.img_channels}; choose a preset that matches the data")
+    if opts.cond and not dataset.has_labels:
+        raise ValueError(f"--cond needs labels but dataset {dataset.name} has none; add dataset.json labels "
+                         "or train with --uncond")
+    world = runtime.world_info()[1] if world is None else world
+    batch = opts.batch or tr.batch_size
+    batch_gpu = opts.batch_gpu or batch // world
+    if batch > 0 and batch % world != 0:
+        raise ValueError(f"--batch {batch} cannot be split over {world} processes; use a number of processes that "
+                         "divides it")
+    if batch <= 0 or batch_gpu <= 0 or batch % (world * batch_gpu) != 0:
+        raise ValueError(f"--batch {batch} must be a positive multiple of processes ({world}) x --batch-gpu "
+                         f"({batch_gpu})")
+    precision = runtime.resolve_precision(opts.precision, runtime.resolve_device(opts.device), net.use_fp16)
+    net = dataclasses.replace(net, label_dim=dataset.num_classes if opts.cond else 0,
+                              dropout=net.dropout if opts.dropout is None else opts.dropout)
+    pick = lambda v, d: d if v is None else v  # noqa: E731
+    run = RunConfig(
+        data=opts.data, dataset=dataset.describe(), preset=preset.name, network=net.to_dict(), batch=batch,
+        batch_gpu=batch_gpu, lr=pick(opts.lr, tr.lr), decay=pick(opts.decay, tr.decay), rampup_Mimg=tr.rampup_Mimg,
+        P_mean=pick(opts.P_mean, tr.P_mean), P_std=pick(opts.P_std, tr.P_std),
+        ema_stds=tuple(pick(opts.ema_stds, tr.ema_stds)), seed=opts.seed, duration=pick(opts.duration, tr.duration),
+        status=pick(opts.status, tr.status), snapshot=pick(opts.snapshot, tr.snapshot),
+        checkpoint=pick(opts.checkpoint, tr.checkpoint), precision=precision, compile=bool(opts.compile),
+        processes=world, allow_tf32=bool(opts.allow_tf32),
+    )
+    for name in ("duration", "status", "snapshot", "checkpoint"):
+        if getattr(run, name) <= 0:
+            raise ValueError(f"--{name} must be a positive number of images, got {getattr(run, name)}")
+    if run.lr <= 0 or run.P_std <= 0:
+        raise ValueError(f"--lr and --P-std must be positive, got lr={run.lr}, P_std={run.P_std}")
+    return run
