@@ -192,3 +192,12 @@ def test_bad_options_leave_no_trace(tmp_path: Path, change: dict, message: str) 
     with pytest.raises(ValueError, match=message):
         train(TrainOptions(outdir=str(outdir), **{**BASE, **change}), progress=False)
     assert not outdir.exists()
+
+
+def test_snapshots_record_the_encoder_and_reconstructions_keep_it(reference_run: Path, tmp_path: Path) -> None:
+    from edm2.reconstruct import posthoc_reconstruct
+
+    rgb = {"class": "StandardRGBEncoder", "kwargs": {}}
+    assert load_snapshot(reference_run / "snapshot-0000000192-0.100.safetensors").encoder == rgb
+    (result,) = posthoc_reconstruct(reference_run, tmp_path, [0.08])
+    assert load_snapshot(result.path).encoder == rgb

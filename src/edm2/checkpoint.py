@@ -2,8 +2,9 @@
 
 Model files are safetensors with JSON metadata in the header; loading never executes code. Two kinds:
 - snapshot (`kind: "snapshot"`): one model's state dict + sigma_rel, training time, the names of the
-  averaged tensors, a free-form `info` dict, and the edm2 network config (None for models edm2 did not
-  build). With the config it is enough to rebuild the network (`load_network`).
+  averaged tensors, a free-form `info` dict, the encoder (how images map to the network's space), and the
+  edm2 network config (None for models edm2 did not build). With the config it is enough to rebuild the
+  network (`load_network`).
 - checkpoint (`kind: "checkpoint"`): the full training state for resuming (network, Adam, EMAs, loss scale).
 
 A run folder holds `training_options.json`, `log.txt`, `stats.jsonl`, `checkpoint-<nimg>.safetensors` (the
@@ -171,6 +172,11 @@ class Snapshot:
     nimg: int  # training time in images (or any growing count, for generic models)
     info: dict  # preset, dataset description, anything else JSON-able
     averaged_names: tuple[str, ...] | None = None  # tensors that are EMAs (the rest are copies, e.g. buffers)
+    # How images map to the network's space and back, in the official encoder's terms: {"class":
+    # "StandardRGBEncoder", "kwargs": {}} (uint8 pixels <-> [-1, 1]) or {"class": "StabilityVAEEncoder",
+    # "kwargs": {"vae_name": ..., "raw_mean": [...], "raw_std": [...], "final_mean": ..., "final_std": ...}}.
+    # None: not recorded (files written before encoders existed: standard RGB).
+    encoder: dict | None = None
 
     def build(self, device: str | torch.device = "cpu") -> Precond:
         """The network with these weights, in eval mode."""
@@ -189,7 +195,7 @@ def save_snapshot(path: str | Path, snapshot: Snapshot) -> None:
     """Atomically write a snapshot file (the one writer of snapshots: training, PosthocEMA, reconstruction)."""
     meta = {"kind": "snapshot", "network": None if snapshot.network is None else snapshot.network.to_dict(),
             "sigma_rel": snapshot.sigma_rel, "nimg": int(snapshot.nimg), "info": snapshot.info,
-            "parameter_names": sorted(snapshot.state_dict)}
+            "parameter_names": sorted(snapshot.state_dict), "encoder": snapshot.encoder}
     if snapshot.averaged_names is not None:
         missing = sorted(set(snapshot.averaged_names) - set(snapshot.state_dict))
         if missing:
@@ -207,7 +213,7 @@ def load_snapshot(path: str | Path) -> Snapshot:
         raise ValueError(f"{path}: snapshot metadata has no valid network config ({e})") from None
     averaged = meta.get("averaged_names")
     return Snapshot(tensors, network, meta.get("sigma_rel"), int(meta.get("nimg", 0)), meta.get("info", {}),
-                    None if averaged is None else tuple(averaged))
+                    None if averaged is None else tuple(averaged), meta.get("encoder"))
 
 
 def load_network(path: str | Path, device: str | torch.device = "cpu") -> tuple[Precond, Snapshot]:

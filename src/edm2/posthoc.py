@@ -37,7 +37,7 @@ class PosthocEMA:
 
     def __init__(self, model: torch.nn.Module, outdir: str | Path, stds: Sequence[float] = (0.05, 0.10),
                  snapshot_every: int | None = None, network: NetworkConfig | None = None,
-                 info: Mapping | None = None, rank: int | None = None) -> None:
+                 info: Mapping | None = None, rank: int | None = None, encoder: dict | None = None) -> None:
         stds = [float(s) for s in stds]
         bad = [s for s in stds if not 0 < s < MAX_SIGMA_REL]
         if not stds or bad:
@@ -57,6 +57,7 @@ class PosthocEMA:
         self.snapshot_every = None if snapshot_every is None else int(snapshot_every)
         self.network = network
         self.info = dict(info or {})
+        self.encoder = encoder
         self.rank = world_info()[0] if rank is None else int(rank)
         self.t = 0  # time of the last update
 
@@ -95,7 +96,8 @@ class PosthocEMA:
         paths = []
         for std, state in self.state_dicts():
             path = self.outdir / snapshot_filename(self.t, std)
-            save_snapshot(path, Snapshot(state, self.network, std, self.t, self.info, tuple(self.ema.names)))
+            save_snapshot(path, Snapshot(state, self.network, std, self.t, self.info, tuple(self.ema.names),
+                                         self.encoder))
             paths.append(path)
         return paths
 

@@ -326,7 +326,8 @@ def execute_reconstruction(plan: ReconstructionPlan, targets: Sequence[EMATarget
 
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    base_info = dict(read_metadata(first.path).get("info") or {})
+    first_meta = read_metadata(first.path)
+    base_info = dict(first_meta.get("info") or {})
     results = []
     for j, target in enumerate(targets):
         out = outputs[j]
@@ -343,7 +344,8 @@ def execute_reconstruction(plan: ReconstructionPlan, targets: Sequence[EMATarget
             info["profile_errors"] = {f"{s:g}": e for s, e in errors.items()}
         path = outdir / target.filename(plan.nimg)
         network = None if first.network is None else NetworkConfig.from_dict(first.network)
-        save_snapshot(path, Snapshot(state, network, target.sigma_rel, plan.nimg, info, tuple(plan.averaged)))
+        save_snapshot(path, Snapshot(state, network, target.sigma_rel, plan.nimg, info, tuple(plan.averaged),
+                                     first_meta.get("encoder")))
         outputs[j] = {}
         del state, out
         results.append(ReconstructionResult(path, target.sigma_rel, plan.nimg, max(errors.values()),

@@ -124,7 +124,8 @@ def setup(run: RunConfig, dataset: ImageDataset, device: torch.device, outdir: s
     if outdir is not None and rank == 0:
         ema = PosthocEMA(net, outdir, run.ema_stds, snapshot_every=run.snapshot,
                          network=NetworkConfig.from_dict(run.network), rank=rank,
-                         info={"preset": run.preset, "dataset": run.dataset, "data": run.data})
+                         info={"preset": run.preset, "dataset": run.dataset, "data": run.data},
+                         encoder={"class": "StandardRGBEncoder", "kwargs": {}})
     return Trainer(
         run=run, device=device, net=net, ddp=ddp, model=torch.compile(model) if run.compile else model,
         optimizer=make_adam(net.parameters(), fused=True),  # one kernel for all tensors, CPU and CUDA
