@@ -73,7 +73,7 @@ def load_strict(net: torch.nn.Module, state: dict[str, torch.Tensor], what: str)
             raise ValueError(f"{what}: {name} has shape {list(value.shape)}, the network expects "
                              f"{list(ours[name].shape)}")
     net.load_state_dict({k: v.to(ours[k].dtype) for k, v in state.items()}, strict=True)
-    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+    return {k: v.detach() for k, v in net.state_dict().items()}
 
 
 def _edm2_precond(record: Record) -> tuple[NetworkConfig, dict[str, torch.Tensor]]:
