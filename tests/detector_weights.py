@@ -54,3 +54,11 @@ def shrink_dinov2(layout: list[tuple[str, tuple[int, ...]]], dim: int, depth: in
             continue
         out.append((name, tuple(scale.get(s, s) for s in shape)))
     return out
+
+
+def write_small_dinov2(folder: Path, dim: int = 64, depth: int = 1, seed: int = 0) -> Path:
+    """A DINOv2 weight file in the published layout at a small width and depth, named as the published one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "dinov2_vitl14_pretrain.pth"
+    torch.save(random_weights(shrink_dinov2(load_layout("dinov2_vitl14"), dim, depth), seed), path)
+    return path
