@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from contextlib import contextmanager
 
 import click
@@ -100,6 +101,7 @@ def metrics() -> None:
 @friendly_errors
 def ref(data_path, dest, keep_features, workers, metric_list, detector_dir, device, batch_size) -> None:
     """Reference statistics (mean and covariance per metric) of a dataset."""
+    from edm2.metrics.images import open_images
     from edm2.metrics.measure import measure_images
     from edm2.metrics.stats import save_reference
     from edm2.runtime import distributed
@@ -110,9 +112,10 @@ def ref(data_path, dest, keep_features, workers, metric_list, detector_dir, devi
         raise ValueError("--keep-features needs an .npz --dest (the official .pkl layout has no place for features)")
     metric_names = _parse_metrics(metric_list, ["fid", "fd_dinov2"])
     with one_voice(), distributed(device) as (rank, _):
+        images = open_images(data_path)
         device, detectors = _setup(metric_names, detector_dir, device)
         with _bar(rank) as progress:
-            stats, resolution = measure_images(data_path, detectors, batch_size, keep=keep_features,
+            stats, resolution = measure_images(images, detectors, batch_size, keep=keep_features,
                                                num_workers=workers, progress=progress)
         if rank == 0:
             from pathlib import Path
@@ -144,6 +147,7 @@ def calc(image_path, ref_path, num_images, seed, workers, results_path, metric_l
         reference = load_reference(ref_path)
         metric_names = _parse_metrics(metric_list, list(reference.stats))
         images = open_images(image_path)
+        reference.check(metric_names, images.resolution)
         device, detectors = _setup(metric_names, detector_dir, device)
         reference.check(metric_names, images.resolution, {m: d.feature_dim for m, d in detectors.items()})
         keep = min((len(reference.stats[m].features) for m in metric_names
@@ -181,8 +185,13 @@ def gen(net_path, gnet_path, ref_path, seeds, repeats, seed_stride, outdir, prec
     with one_voice(), distributed(device) as (rank, _):
         reference = load_reference(ref_path)
         metric_names = _parse_metrics(metric_list, list(reference.stats))
+        reference.check(metric_names)
         device, detectors = _setup(metric_names, detector_dir, device)
-        net, snap = load_network(net_path, device)
+        with warnings.catch_warnings(record=True) as caught:  # an official .pkl converted on the fly: one line
+            warnings.simplefilter("always")
+            net, snap = load_network(net_path, device)
+        for w in caught:
+            click.echo(f"edm2: warning: {w.message}", err=True)
         check_decodable(snap.encoder)
         reference.check(metric_names, (net.img_resolution, net.img_resolution),
                         {m: d.feature_dim for m, d in detectors.items()})

@@ -93,9 +93,10 @@ class Reference:
     num_images: int = 0
     extra: dict = field(default_factory=dict)
 
-    def check(self, metrics: list[str], resolution: tuple[int, int] | None, dims: dict[str, int]) -> None:
+    def check(self, metrics: list[str], resolution: tuple[int, int] | None = None,
+              dims: dict[str, int] | None = None) -> None:
         """ValueError unless this reference has every metric, at `resolution` (when both are known), with
-        features of the detectors' dimensions."""
+        features of the detectors' dimensions (when given)."""
         missing = [m for m in metrics if m not in self.stats]
         if missing:
             raise ValueError(f"{self.source} has no statistics for {', '.join(missing)} (it has "
@@ -103,7 +104,7 @@ class Reference:
         if self.resolution is not None and resolution is not None and tuple(resolution) != tuple(self.resolution):
             raise ValueError(f"{self.source} was computed from {self.resolution[0]}x{self.resolution[1]} images, these "
                              f"are {resolution[0]}x{resolution[1]}; use a reference of this resolution")
-        for m in metrics:
+        for m in metrics if dims else []:
             if self.stats[m].mu.shape != (dims[m],):
                 raise ValueError(f"{self.source}: {m} statistics have {self.stats[m].mu.shape[0]} features, the "
                                  f"{m} detector gives {dims[m]}; the reference was computed with another network")
