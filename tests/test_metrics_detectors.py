@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from edm2.metrics.detectors import DETECTOR_DIR_ENV, DETECTORS, load_detector
 from edm2.metrics.dinov2 import IMAGENET_MEAN, IMAGENET_STD, DinoVisionTransformer, dinov2_preprocess
-from edm2.metrics.inception import InceptionV3, tf1_resize_bilinear
+from edm2.metrics.inception import InceptionV3, inception_preprocess, tf1_resize_bilinear
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "metrics")
 
@@ -42,10 +42,16 @@ def test_inception_features_match_torch_fidelity(inception_dir):
     det = load_detector("fid", inception_dir)
     assert det.feature_dim == 2048
     ref = golden("inception")
-    for case in ("small", "large"):
-        features = det(torch.from_numpy(ref[f"{case}/images"])).numpy()
-        np.testing.assert_allclose(features, ref[f"{case}/features"], rtol=1e-5, atol=1e-4)
-        assert np.abs(ref[f"{case}/features"]).max() > 1  # the random network does not collapse the features
+    cases = ("small", "large")  # 48 and 200 pixels: resized up and down; one forward pass for both (CPU time)
+    x = torch.cat([inception_preprocess(torch.from_numpy(ref[f"{c}/images"])) for c in cases])
+    with torch.no_grad():
+        features = det.net.features(x).numpy()
+    expected = np.concatenate([ref[f"{c}/features"] for c in cases])
+    np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-4)
+    assert np.abs(expected).max() > 1  # the random network does not collapse the features
+    for c in cases:  # torch-fidelity's TensorFlow-1-exact bilinear resize (a corner of the 299x299 output)
+        resized = tf1_resize_bilinear(torch.from_numpy(ref[f"{c}/images"]).float(), 299)[:, :, :40, :40]
+        np.testing.assert_allclose(resized.numpy(), ref[f"{c}/resized"], rtol=0, atol=1e-4)
 
 
 def test_dinov2_features_match_the_official_code(tmp_path):

@@ -190,12 +190,12 @@ def gen(net_path, gnet_path, ref_path, seeds, repeats, seed_stride, outdir, prec
         with warnings.catch_warnings(record=True) as caught:  # an official .pkl converted on the fly: one line
             warnings.simplefilter("always")
             net, snap = load_network(net_path, device)
+            gnet = load_network(gnet_path, device)[0] if gnet_path else None
         for w in caught:
             click.echo(f"edm2: warning: {w.message}", err=True)
         check_decodable(snap.encoder)
         reference.check(metric_names, (net.img_resolution, net.img_resolution),
                         {m: d.feature_dim for m, d in detectors.items()})
-        gnet = load_network(gnet_path, device)[0] if gnet_path else None
         model = ModelUnderTest(net, gnet, settings, snap.encoder, batch_size, device,
                                resolve_precision(precision, device, net.use_fp16))
         keep = min((len(reference.stats[m].features) for m in metric_names

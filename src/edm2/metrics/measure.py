@@ -66,6 +66,8 @@ def measure_images(source: str | Path | ImageFiles | ArrayImages, detectors: dic
     if batch_size <= 0:
         raise ValueError(f"--batch must be positive, got {batch_size}")
     images = source if isinstance(source, (ImageFiles, ArrayImages)) else open_images(source)
+    for d in detectors.values():
+        set_cuda_math(d.device)  # float32 means float32 on CUDA too (no TF32)
     path = getattr(images, "path", source)
     indices = np.arange(len(images))
     if num is not None:
