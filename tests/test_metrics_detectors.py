@@ -120,6 +120,7 @@ def test_grayscale_images_are_measured_as_rgb(tmp_path):
         det(gray.float())
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_weight_file_errors(tmp_path, monkeypatch):
     monkeypatch.delenv(DETECTOR_DIR_ENV, raising=False)
     with pytest.raises(ValueError, match=f"--detector-dir DIR or set {DETECTOR_DIR_ENV}"):
