@@ -273,17 +273,23 @@ class _Refused(pickle.UnpicklingError):
 def load_pickle_bytes(data: bytes, allow: frozenset = ALLOW_NETWORK, source: str = "<bytes>") -> Any:
     """Unpickle `data` resolving only the globals in `allow`; ValueError naming any other global, or saying
     that the data is not a readable pickle."""
-    if data[:2] == b"PK":
+    return _load(io.BytesIO(data), allow, source)
+
+
+def _load(f: Any, allow: frozenset, source: str) -> Any:
+    head = f.peek(2)[:2] if hasattr(f, "peek") else f.getvalue()[:2]
+    if head == b"PK":
         raise ValueError(f"{source}: a zip archive (torch.save or TorchScript file), not a pickle of the official "
                          "code")
     try:
-        return _RestrictedUnpickler(io.BytesIO(data), allow).load()
+        return _RestrictedUnpickler(f, allow).load()
     except _Refused as e:
         raise ValueError(f"{source}: refused: the pickle calls {e}, which is not on edm2's allow-list (edm2 runs no "
                          "code from pickles; only official network snapshots and statistics are read)") from None
     except (pickle.UnpicklingError, EOFError, struct.error) as e:
         raise ValueError(f"{source}: not a readable official pickle (truncated or damaged?): {e}") from None
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError, MemoryError) as e:
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError, MemoryError,
+            RecursionError) as e:
         raise ValueError(f"{source}: not a readable official pickle ({type(e).__name__}: {e})") from None
 
 
@@ -292,4 +298,5 @@ def read_pickle(path: str | Path, allow: frozenset = ALLOW_NETWORK) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
-    return load_pickle_bytes(path.read_bytes(), allow, str(path))
+    with open(path, "rb") as f:  # streamed: a large network is not held twice in memory
+        return _load(f, allow, str(path))
