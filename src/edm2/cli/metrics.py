@@ -6,6 +6,7 @@ import json
 import time
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 
 import click
 
@@ -76,6 +77,7 @@ def _report(results: dict, results_path: str | None) -> None:
         else:
             click.echo(f"{name} {value:.4f}")
     if results_path:
+        Path(results_path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")
 
 
@@ -118,8 +120,6 @@ def ref(data_path, dest, keep_features, workers, metric_list, detector_dir, devi
             stats, resolution = measure_images(images, detectors, batch_size, keep=keep_features,
                                                num_workers=workers, progress=progress)
         if rank == 0:
-            from pathlib import Path
-
             Path(dest).parent.mkdir(parents=True, exist_ok=True)
             save_reference(dest, stats, resolution)
             num = next(iter(stats.values())).num_images
@@ -179,14 +179,13 @@ def gen(net_path, gnet_path, ref_path, seeds, repeats, seed_stride, outdir, prec
     from edm2.checkpoint import load_network
     from edm2.metrics.measure import ModelUnderTest, check_decodable, evaluate_model, seed_repeats
     from edm2.metrics.stats import load_reference
-    from edm2.runtime import distributed, resolve_precision
+    from edm2.runtime import distributed, resolve_device, resolve_precision
 
     runs = seed_repeats(parse_seeds(seeds), repeats, seed_stride)
     with one_voice(), distributed(device) as (rank, _):
         reference = load_reference(ref_path)
         metric_names = _parse_metrics(metric_list, list(reference.stats))
-        reference.check(metric_names)
-        device, detectors = _setup(metric_names, detector_dir, device)
+        device = resolve_device(device)
         with warnings.catch_warnings(record=True) as caught:  # an official .pkl converted on the fly: one line
             warnings.simplefilter("always")
             net, snap = load_network(net_path, device)
@@ -194,8 +193,9 @@ def gen(net_path, gnet_path, ref_path, seeds, repeats, seed_stride, outdir, prec
         for w in caught:
             click.echo(f"edm2: warning: {w.message}", err=True)
         check_decodable(snap.encoder)
-        reference.check(metric_names, (net.img_resolution, net.img_resolution),
-                        {m: d.feature_dim for m, d in detectors.items()})
+        reference.check(metric_names, (net.img_resolution, net.img_resolution))
+        device, detectors = _setup(metric_names, detector_dir, str(device))
+        reference.check(metric_names, dims={m: d.feature_dim for m, d in detectors.items()})
         model = ModelUnderTest(net, gnet, settings, snap.encoder, batch_size, device,
                                resolve_precision(precision, device, net.use_fp16))
         keep = min((len(reference.stats[m].features) for m in metric_names
