@@ -83,29 +83,19 @@ def translate_int(images: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor) -> t
     return images.flatten()[(((b * c) + ch) * h + y) * w + x]
 
 
-def _margins(G_inv: torch.Tensor, h: int, w: int, pad: int, device) -> list[int]:
-    """Reflect padding (x0, y0, x1, y1) that covers where the transformed corners sample from."""
-    cx, cy = (w - 1) / 2, (h - 1) / 2
-    cp = matrix([-cx, -cy, 1], [cx, -cy, 1], [cx, cy, 1], [-cx, cy, 1], device=device)
-    cp = G_inv @ cp.t()  # [N, xyz, corner]
-    margin = cp[:, :2, :].permute(1, 0, 2).flatten(1)
-    margin = torch.cat([-margin, margin]).max(dim=1).values
-    margin = margin + torch.tensor([pad * 2 - cx, pad * 2 - cy] * 2, device=device)
-    margin = margin.max(torch.zeros(4, device=device)).min(torch.tensor([w - 1, h - 1] * 2, device=device,
-                                                                        dtype=margin.dtype))
-    return [int(m) for m in margin.ceil().to(torch.int32)]
-
-
 def apply_geometric(images: torch.Tensor, G_inv: torch.Tensor) -> torch.Tensor:
     """Resample images [N, C, H, W] at G_inv [N, 3, 3] (output pixel -> input pixel, origin at the centre):
-    reflect-pad, upsample 2x with the SYM6 filter, sample bilinearly, filter and downsample 2x, crop."""
+    reflect-pad, upsample 2x with the SYM6 filter, sample bilinearly, filter and downsample 2x, crop.
+
+    The official pipe pads by what the batch's most extreme transform needs; here always by the most it can
+    (H - 1 and W - 1), so that an image's result never depends on the other images of its batch (a batch
+    split over processes or accumulation rounds augments the same). The padding only covers more of what is
+    never sampled, so results equal the official ones up to float rounding."""
     n, c, h, w = images.shape
     dev = images.device
     Hz = np.asarray(SYM6, dtype=np.float32)
     pad = len(Hz) // 4
-    mx0, my0, mx1, my1 = _margins(G_inv, h, w, pad, dev)
-    images = torch.nn.functional.pad(input=images, pad=[mx0, mx1, my0, my1], mode="reflect")
-    G_inv = translate2d((mx0 - mx1) / 2, (my0 - my1) / 2, device=dev) @ G_inv
+    images = torch.nn.functional.pad(input=images, pad=[w - 1, w - 1, h - 1, h - 1], mode="reflect")
 
     # Upsample: zero-stuff, then the (reversed) low-pass filter along x and along y.
     up = torch.tensor(Hz[::-1].copy(), dtype=images.dtype, device=dev)

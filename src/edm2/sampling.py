@@ -141,8 +141,12 @@ def ablation_sampler(
         raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
     denoise = _guided(net, gnet, guidance, class_labels, dtype)
     lo, hi = default_sigma_range(discretization, epsilon_s)
-    sigma_min = max(lo if sigma_min is None else sigma_min, getattr(net, "sigma_min", 0))
-    sigma_max = min(hi if sigma_max is None else sigma_max, getattr(net, "sigma_max", math.inf))
+    lo, hi = lo if sigma_min is None else sigma_min, hi if sigma_max is None else sigma_max
+    net_lo, net_hi = getattr(net, "sigma_min", 0), getattr(net, "sigma_max", math.inf)
+    sigma_min, sigma_max = max(lo, net_lo), min(hi, net_hi)
+    if lo < hi and not sigma_min < sigma_max:
+        raise ValueError(f"noise range [{lo:g}, {hi:g}] lies outside the range [{net_lo:g}, {net_hi:g}] the network "
+                         "supports; choose --sigma-min/--sigma-max that overlap it")
     round_sigma = getattr(net, "round_sigma", lambda sigma: sigma)
     sched = noise_schedule(schedule, sigma_min, sigma_max, epsilon_s)
     scale = signal_scaling(scaling, sched)
