@@ -94,6 +94,18 @@ def _guided(net: Denoiser, gnet: Denoiser | None, guidance: float, labels: torch
     return denoise
 
 
+def _supported_range(net: Denoiser, discretization: str, sigma_min: float | None, sigma_max: float | None,
+                     epsilon_s: float) -> tuple[float, float]:
+    """The requested noise range (None: the discretization's default) clipped to the network's."""
+    lo, hi = default_sigma_range(discretization, epsilon_s)
+    lo, hi = lo if sigma_min is None else sigma_min, hi if sigma_max is None else sigma_max
+    net_lo, net_hi = getattr(net, "sigma_min", 0), getattr(net, "sigma_max", math.inf)
+    if lo < hi and not max(lo, net_lo) < min(hi, net_hi):
+        raise ValueError(f"noise range [{lo:g}, {hi:g}] lies outside the range [{net_lo:g}, {net_hi:g}] the network "
+                         "supports; choose --sigma-min/--sigma-max that overlap it")
+    return max(lo, net_lo), min(hi, net_hi)
+
+
 def ablation_sampler(
     net: Denoiser,
     latents: torch.Tensor,
@@ -134,20 +146,11 @@ def ablation_sampler(
     discretization 'edm', schedule 'linear', scaling 'none', alpha 1 it gives the images of `edm_sampler`.
     """
     check_choice("solver", solver, SOLVERS)
-    check_choice("discretization", discretization, DISCRETIZATIONS)
-    check_choice("schedule", schedule, SCHEDULES)
-    check_choice("scaling", scaling, SCALINGS)
     if not 0 < alpha <= 1:
         raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
     denoise = _guided(net, gnet, guidance, class_labels, dtype)
-    lo, hi = default_sigma_range(discretization, epsilon_s)
-    lo, hi = lo if sigma_min is None else sigma_min, hi if sigma_max is None else sigma_max
-    net_lo, net_hi = getattr(net, "sigma_min", 0), getattr(net, "sigma_max", math.inf)
-    sigma_min, sigma_max = max(lo, net_lo), min(hi, net_hi)
-    if lo < hi and not sigma_min < sigma_max:
-        raise ValueError(f"noise range [{lo:g}, {hi:g}] lies outside the range [{net_lo:g}, {net_hi:g}] the network "
-                         "supports; choose --sigma-min/--sigma-max that overlap it")
     round_sigma = getattr(net, "round_sigma", lambda sigma: sigma)
+    sigma_min, sigma_max = _supported_range(net, discretization, sigma_min, sigma_max, epsilon_s)
     sched = noise_schedule(schedule, sigma_min, sigma_max, epsilon_s)
     scale = signal_scaling(scaling, sched)
     steps = sigma_steps(discretization, num_steps, sigma_min, sigma_max, rho, epsilon_s, C_1, C_2, M, dtype,

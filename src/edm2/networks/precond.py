@@ -63,7 +63,6 @@ def iddpm_u_table(M: int = 1000, C_1: float = 0.001, C_2: float = 0.008, dtype: 
 class _Preconditioning(torch.nn.Module):
     """What the four preconditionings share: the model, the input checks, precision, and the forward pass."""
 
-    default_model_type = "SongUNet"
     out_channels_factor = 1  # iDDPM: 2 (learned variance; D uses the first half)
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int, use_fp16: bool, model_type: str,
@@ -208,7 +207,6 @@ class iDDPMPrecond(_Preconditioning):  # noqa: N801  (the official name)
     c_noise = M-1-j(sigma) with j the index of the nearest level of the table `u`. The model has twice the
     image channels (learned variance); D uses the first half."""
 
-    default_model_type = "DhariwalUNet"
     out_channels_factor = 2
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
@@ -243,8 +241,6 @@ class iDDPMPrecond(_Preconditioning):  # noqa: N801  (the official name)
 class EDMPrecond(_Preconditioning):
     """The EDM preconditioning: c_skip = s_d^2/(sigma^2+s_d^2), c_out = sigma s_d/sqrt(sigma^2+s_d^2),
     c_in = 1/sqrt(sigma^2+s_d^2), c_noise = ln(sigma)/4 with s_d = sigma_data."""
-
-    default_model_type = "DhariwalUNet"
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
                  sigma_min: float = 0, sigma_max: float = float("inf"), sigma_data: float = 0.5,

@@ -79,7 +79,15 @@ class SongUNet(torch.nn.Module):
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
 
-        # Encoder; the 'aux' modules carry the downsampled input image (skip / residual encoders).
+        self._build_encoder(img_resolution, in_channels, model_channels, channel_mult, num_blocks, attn_resolutions,
+                            encoder_type, resample_filter, block_kwargs, init)
+        self._build_decoder(img_resolution, out_channels, model_channels, channel_mult, num_blocks, attn_resolutions,
+                            decoder_type, resample_filter, block_kwargs, init_zero)
+
+    def _build_encoder(self, img_resolution: int, in_channels: int, model_channels: int, channel_mult: Sequence[int],
+                       num_blocks: int, attn_resolutions: Sequence[int], encoder_type: str,
+                       resample_filter: Sequence[float], block_kwargs: dict, init: dict) -> None:
+        """Encoder; the 'aux' modules carry the downsampled input image (skip / residual encoders)."""
         self.enc = torch.nn.ModuleDict()
         cout = caux = in_channels
         for level, mult in enumerate(channel_mult):
@@ -102,9 +110,13 @@ class SongUNet(torch.nn.Module):
                 cin, cout = cout, model_channels * mult
                 self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions,
                                                                 **block_kwargs)
-        skips = [block.out_channels for name, block in self.enc.items() if "aux" not in name]
 
-        # Decoder; every block takes one skip connection, attention on the last block of a resolution.
+    def _build_decoder(self, img_resolution: int, out_channels: int, model_channels: int, channel_mult: Sequence[int],
+                       num_blocks: int, attn_resolutions: Sequence[int], decoder_type: str,
+                       resample_filter: Sequence[float], block_kwargs: dict, init_zero: dict) -> None:
+        """Decoder; every block takes one skip connection, attention on the last block of a resolution."""
+        skips = [block.out_channels for name, block in self.enc.items() if "aux" not in name]
+        cout = skips[-1]
         self.dec = torch.nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
