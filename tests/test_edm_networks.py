@@ -69,6 +69,16 @@ def test_official_state_dict_gives_the_official_outputs(case):
                                [float(golden(case, "sigma_min")), float(golden(case, "sigma_max"))], rtol=1e-6)
 
 
+def test_zero_augment_labels_are_no_augmentation():
+    # At sampling time the network gets no augment labels; the all-zero vector means the same.
+    for case in ("vp_ddpmpp", "edm_adm"):
+        net = golden_net(case)
+        x, sigma, labels = golden(case, "x"), golden(case, "sigma"), golden(case, "labels")
+        with torch.no_grad():
+            torch.testing.assert_close(net(x, sigma, labels, augment_labels=torch.zeros(4, 9)),
+                                       net(x, sigma, labels), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_initialization_draws_the_official_weights(case):
     # The golden weights are the official initialization after torch.manual_seed(0), except the tensors the
