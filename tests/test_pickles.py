@@ -1,10 +1,10 @@
-"""Official network pickles read without running code: conversion reproduces the official networks' outputs,
-EDM (2022) pickles are read record by record, and hostile or damaged pickles are refused with one line.
+"""Official network pickles read without running code: conversion reproduces the official networks' outputs (EDM2
+and EDM), the records of EDM pickles have the official layout, and hostile or damaged pickles are refused with one
+line.
 
 `tests/data/official_pickles/` holds pickles written by the official code (their embedded module source replaced by
 a placeholder line) and `expected.npz`, the outputs of the official networks after unpickling (README of the golden
-data). The hostile pickles are made here.
-"""
+data). The hostile pickles are made here."""
 
 from __future__ import annotations
 
@@ -126,11 +126,11 @@ def test_converted_snapshots_feed_reconstruct_and_generate(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# EDM (2022) pickles: read generically; conversion says it is not supported yet.
+# EDM (2022) pickles: read generically, converted to edm2's EDM networks.
 
 
 @pytest.mark.parametrize("name,loss", [("edm_vp", "VPLoss"), ("edm_edm_adm", "EDMLoss")])
-def test_edm_pickles_are_read_as_records(name, loss, tmp_path):
+def test_edm_pickles_are_read_as_records(name, loss):
     data = read_pickle(PICKLES / f"{name}.pkl")
     assert set(data) == {"ema", "loss_fn", "augment_pipe", "dataset_kwargs"}
     kwargs = kwargs_of(name)
@@ -144,11 +144,24 @@ def test_edm_pickles_are_read_as_records(name, loss, tmp_path):
         assert data["augment_pipe"].class_name == "AugmentPipe" and data["augment_pipe"].init_kwargs["p"] == 0.12
     else:
         assert data["augment_pipe"] is None
-    sd = ema.state_dict()
-    assert all(v.dtype == torch.float32 for v in sd.values())
-    result = invoke("convert", PICKLES / f"{name}.pkl", tmp_path / "x.safetensors")
-    assert_one_line_error(result, ema.class_name, "EDM (2022)", "not convert")
-    assert not (tmp_path / "x.safetensors").exists()
+    assert all(v.dtype == torch.float32 for v in ema.state_dict().values())
+
+
+@pytest.mark.parametrize("name", ["edm_vp", "edm_edm_adm"])
+def test_converted_edm_network_reproduces_official_outputs(name, tmp_path):
+    """EDM (2022) pickles convert to edm2's EDM networks (built from the recorded flat arguments) with the
+    official outputs; tolerance of the golden EDM networks: atol 2e-5 + 1e-4 max|D_x| (VP outputs reach ~300)."""
+    assert invoke("convert", PICKLES / f"{name}.pkl", tmp_path / "net.safetensors").exit_code == 0
+    net, snap = load_network(tmp_path / "net.safetensors")
+    kwargs = kwargs_of(name)
+    assert snap.network.class_name == kwargs.pop("precond") == type(net).__name__
+    assert {k: snap.network.kwargs[k] for k in kwargs} == kwargs
+    assert snap.encoder == {"class": "StandardRGBEncoder", "kwargs": {}} and snap.sigma_rel is None
+    x, sigma = torch.from_numpy(EXPECTED[f"{name}/x"]), torch.from_numpy(EXPECTED[f"{name}/sigma"])
+    with torch.no_grad():
+        D_x = net(x, sigma, torch.from_numpy(EXPECTED[f"{name}/labels"]))
+    expected = EXPECTED[f"{name}/D_x"]
+    np.testing.assert_allclose(D_x.numpy(), expected, rtol=0, atol=2e-5 + 1e-4 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("name,case", [("edm_vp", "vp_ddpmpp"), ("edm_edm_adm", "edm_adm")])

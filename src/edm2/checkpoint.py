@@ -3,8 +3,9 @@
 Model files are safetensors with JSON metadata in the header; loading never executes code. Two kinds:
 - snapshot (`kind: "snapshot"`): one model's state dict + sigma_rel, training time, the names of the
   averaged tensors, a free-form `info` dict, the encoder (how images map to the network's space), and the
-  edm2 network config (None for models edm2 did not build). With the config it is enough to rebuild the
-  network (`load_network`).
+  network: `network` holds the constructor arguments and `network_class` the official class name
+  (`VPPrecond`, `VEPrecond`, `iDDPMPrecond`, `EDMPrecond`; absent: EDM2's `Precond`); `network` is None for
+  models edm2 did not build. With them the network is rebuilt (`load_network`).
 - checkpoint (`kind: "checkpoint"`): the full training state for resuming (network, Adam, EMAs, loss scale).
 
 A run folder holds `training_options.json`, `log.txt`, `stats.jsonl`, `checkpoint-<nimg>.safetensors` (the
@@ -31,15 +32,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from edm2.networks import Precond
-from edm2.presets import NetworkConfig
+from edm2.networks import Precond, build_network
+from edm2.presets import EDMNetworkConfig, NetworkConfig
 
 __all__ = [
     "FORMAT", "VERSION", "OPTIONS_FILE", "LOG_FILE", "STATS_FILE", "LOCK_FILE", "KEEP_CHECKPOINTS",
     "atomic_output", "atomic_write_text", "remove_stale_temps",
-    "checkpoint_filename", "snapshot_filename", "posthoc_filename", "find_checkpoints",
+    "checkpoint_filename", "snapshot_filename", "posthoc_filename", "ema_snapshot_filename", "find_checkpoints",
     "save_tensors", "load_tensors", "read_metadata", "Snapshot", "save_snapshot", "load_snapshot",
     "load_network", "save_training_state", "load_training_state", "RunLock", "check_run_folder",
+    "network_from_metadata",
 ]
 
 FORMAT = "edm2"
@@ -100,6 +102,11 @@ def checkpoint_filename(nimg: int) -> str:
 def snapshot_filename(t: int, sigma_rel: float) -> str:
     """Name of the snapshot of the EMA `sigma_rel` at time `t` (the trainer's and PosthocEMA's naming)."""
     return f"snapshot-{int(t):010d}-{sigma_rel:.3f}.safetensors"
+
+
+def ema_snapshot_filename(nimg: int) -> str:
+    """Name of the snapshot of the traditional EMA (EDM-release runs) after `nimg` images."""
+    return f"snapshot-{int(nimg):010d}-ema.safetensors"
 
 
 def posthoc_filename(nimg: int, sigma_rel: float, tag: str = "") -> str:
@@ -168,7 +175,9 @@ class Snapshot:
     """A model's weights with what is needed to rebuild and describe it."""
 
     state_dict: dict[str, torch.Tensor]
-    network: NetworkConfig | None  # None: not an edm2 network (a generic model tracked by PosthocEMA)
+    # EDM2 `Precond` arguments, or an EDM-release network (official class name and arguments); None: not an
+    # edm2 network (a generic model tracked by PosthocEMA).
+    network: NetworkConfig | EDMNetworkConfig | None
     sigma_rel: float | None  # EMA length, None for raw training weights
     nimg: int  # training time in images (or any growing count, for generic models)
     info: dict  # preset, dataset description, anything else JSON-able
@@ -179,12 +188,15 @@ class Snapshot:
     # None: not recorded (files written before encoders existed: standard RGB).
     encoder: dict | None = None
 
-    def build(self, device: str | torch.device = "cpu") -> Precond:
-        """The network with these weights, in eval mode."""
+    def build(self, device: str | torch.device = "cpu") -> torch.nn.Module:
+        """The network with these weights, in eval mode (a `Precond`, or an EDM preconditioning)."""
         if self.network is None:
             raise ValueError("snapshot holds no edm2 network config (a generic model); read its tensors with "
                              "edm2.checkpoint.load_tensors")
-        net = Precond(**self.network.to_dict())
+        if isinstance(self.network, EDMNetworkConfig):
+            net = build_network(self.network.class_name, self.network.kwargs)
+        else:
+            net = Precond(**self.network.to_dict())
         try:
             net.load_state_dict(self.state_dict, strict=True)
         except RuntimeError as e:
@@ -197,6 +209,8 @@ def save_snapshot(path: str | Path, snapshot: Snapshot) -> None:
     meta = {"kind": "snapshot", "network": None if snapshot.network is None else snapshot.network.to_dict(),
             "sigma_rel": snapshot.sigma_rel, "nimg": int(snapshot.nimg), "info": snapshot.info,
             "parameter_names": sorted(snapshot.state_dict), "encoder": snapshot.encoder}
+    if isinstance(snapshot.network, EDMNetworkConfig):
+        meta["network_class"] = snapshot.network.class_name
     if snapshot.averaged_names is not None:
         missing = sorted(set(snapshot.averaged_names) - set(snapshot.state_dict))
         if missing:
@@ -205,11 +219,21 @@ def save_snapshot(path: str | Path, snapshot: Snapshot) -> None:
     save_tensors(path, snapshot.state_dict, meta)
 
 
+def network_from_metadata(network: dict | None, network_class: str | None) -> NetworkConfig | EDMNetworkConfig:
+    """The network config a snapshot's metadata describes: `network_class` absent (None) means EDM2's
+    `Precond` with arguments `network`, else the official class of the EDM release with arguments `network`."""
+    if not isinstance(network, dict):
+        raise ValueError(f"no network config (got {type(network).__name__})")
+    if network_class is None:
+        return NetworkConfig.from_dict(network)
+    return EDMNetworkConfig(str(network_class), dict(network))
+
+
 def load_snapshot(path: str | Path) -> Snapshot:
     """Read a snapshot file of an edm2 network (ValueError when it has no network config)."""
     tensors, meta = load_tensors(path, kind="snapshot")
     try:
-        network = NetworkConfig.from_dict(meta["network"])
+        network = network_from_metadata(meta.get("network"), meta.get("network_class"))
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: snapshot metadata has no valid network config ({e})") from None
     averaged = meta.get("averaged_names")
@@ -217,7 +241,7 @@ def load_snapshot(path: str | Path) -> Snapshot:
                     None if averaged is None else tuple(averaged), meta.get("encoder"))
 
 
-def load_network(path: str | Path, device: str | torch.device = "cpu") -> tuple[Precond, Snapshot]:
+def load_network(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Snapshot]:
     """Rebuild the network stored in a snapshot file, in eval mode. An official network pickle (`.pkl`) is
     converted on the fly, without running its code (`edm2.pickle_convert`), with a warning."""
     if Path(path).suffix.lower() == ".pkl":

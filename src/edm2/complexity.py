@@ -14,8 +14,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from edm2.layers import MPConv
-from edm2.networks import Precond
-from edm2.presets import NetworkConfig
+from edm2.networks import Precond, build_network
+from edm2.presets import EDMNetworkConfig, NetworkConfig
 
 __all__ = ["Complexity", "count_complexity"]
 
@@ -30,10 +30,14 @@ class Complexity:
     gflops: float  # (macs + weight_norm_ops) / 1e9, per single-image evaluation
 
 
-def count_complexity(config: NetworkConfig) -> Complexity:
-    """Parameters and operations per single-image evaluation of the network described by `config`."""
+def count_complexity(config: NetworkConfig | EDMNetworkConfig) -> Complexity:
+    """Parameters and operations per single-image evaluation of the network described by `config` (an EDM2
+    network, or one of the EDM release; the latter have no weight normalization)."""
     with torch.device("meta"):
-        net = Precond(**config.to_dict()).eval()
+        if isinstance(config, EDMNetworkConfig):
+            net = build_network(config.class_name, config.kwargs).eval()
+        else:
+            net = Precond(**config.to_dict()).eval()
         x = torch.zeros(1, config.img_channels, config.img_resolution, config.img_resolution)
         sigma = torch.ones(1)
         labels = torch.zeros(1, config.label_dim) if config.label_dim else None
@@ -42,6 +46,6 @@ def count_complexity(config: NetworkConfig) -> Complexity:
         net(x, sigma, labels)
     macs = counter.get_total_flops() // 2  # the counter reports 2 flops per multiply-accumulate
     norm_ops = WEIGHT_NORM_OPS * sum(m.weight.numel() for m in net.modules() if isinstance(m, MPConv)
-                                     and m is not net.logvar_linear)
+                                     and m is not getattr(net, "logvar_linear", None))
     return Complexity(parameters=sum(p.numel() for p in net.parameters()), macs=macs, weight_norm_ops=norm_ops,
                       gflops=(macs + norm_ops) / 1e9)

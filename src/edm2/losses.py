@@ -35,6 +35,12 @@ class EDM2Loss:
         self.P_std = P_std
         self.sigma_data = sigma_data
 
+    def sample_sigma(self, n: int, device: torch.device | str = "cpu",
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """n noise levels from the training distribution, shaped [n, 1, 1, 1] (every loss has this method,
+        so that a training loop draws them per global batch whatever the loss)."""
+        return sample_sigma(n, self.P_mean, self.P_std, device, generator)
+
     def __call__(self, net: Callable, images: torch.Tensor, labels: torch.Tensor | None = None,
                  generator: torch.Generator | None = None, sigma: torch.Tensor | None = None,
                  noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -42,7 +48,7 @@ class EDM2Loss:
         `generator` unless given (the training loop draws them per global batch)."""
         images = images.to(torch.float64 if images.dtype == torch.float64 else torch.float32)
         if sigma is None:
-            sigma = sample_sigma(images.shape[0], self.P_mean, self.P_std, images.device, generator)
+            sigma = self.sample_sigma(images.shape[0], images.device, generator)
         if noise is None:
             noise = torch.randn(images.shape, device=images.device, dtype=images.dtype, generator=generator)
         sigma = sigma.to(images.dtype).reshape(-1, 1, 1, 1)

@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from edm2 import runtime
-from edm2.presets import get_preset
+from edm2.presets import EDMNetworkConfig, NetworkConfig, get_preset
 
 __all__ = ["TrainOptions", "RunConfig", "resolve_run"]
 
@@ -37,6 +37,8 @@ class TrainOptions:
     precision: str | None = None  # fp32, bf16 or fp16; None: fp16 on CUDA for use_fp16 presets, else fp32
     compile: bool = False  # torch.compile the network
     allow_tf32: bool = False  # TF32 in CUDA convolutions and matrix products (the official code keeps it off)
+    augment: float | None = None  # edm-* presets: augmentation probability (0: off)
+    ema: float | None = None  # edm-* presets: half-life of the traditional EMA, millions of images
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,10 @@ class RunConfig:
     compile: bool = False
     processes: int = 1
     allow_tf32: bool = False
+    # EDM-release runs (edm-* presets): the official class of `network` (None: EDM2's Precond) and the recipe
+    # (`EDMRecipe.to_dict()`: loss, augment, EMA half-life and ramp-up, Adam betas, loss scaling).
+    network_class: str | None = None
+    edm: dict | None = None
 
     # Fields that may change between a run and its resumption (the number of processes too: the data
     # stream, the noise and the optimizer state do not depend on it).
@@ -75,6 +81,12 @@ class RunConfig:
 
     def identity(self) -> dict:
         return {k: v for k, v in self.to_dict().items() if k not in self.MUTABLE}
+
+    def network_config(self) -> NetworkConfig | EDMNetworkConfig:
+        """The network this run trains."""
+        if self.network_class is None:
+            return NetworkConfig.from_dict(self.network)
+        return EDMNetworkConfig(self.network_class, dict(self.network))
 
 
 def resolve_run(opts: TrainOptions, dataset, world: int | None = None) -> RunConfig:
@@ -99,8 +111,13 @@ def resolve_run(opts: TrainOptions, dataset, world: int | None = None) -> RunCon
         raise ValueError(f"--batch {batch} must be a positive multiple of processes ({world}) x --batch-gpu "
                          f"({batch_gpu})")
     precision = runtime.resolve_precision(opts.precision, runtime.resolve_device(opts.device), net.use_fp16)
-    net = dataclasses.replace(net, label_dim=dataset.num_classes if opts.cond else 0,
-                              dropout=net.dropout if opts.dropout is None else opts.dropout)
+    label_dim = dataset.num_classes if opts.cond else 0
+    dropout = net.dropout if opts.dropout is None else opts.dropout
+    edm = _resolve_edm(preset, opts)
+    if edm is None:
+        net = dataclasses.replace(net, label_dim=label_dim, dropout=dropout)
+    else:  # the official train.py: augment labels (augment_dim 9) exactly when augmenting
+        net = net.replace(label_dim=label_dim, dropout=dropout, augment_dim=9 if edm["augment"] else 0)
     pick = lambda v, d: d if v is None else v  # noqa: E731
     run = RunConfig(
         data=opts.data, dataset=dataset.describe(), preset=preset.name, network=net.to_dict(), batch=batch,
@@ -110,10 +127,32 @@ def resolve_run(opts: TrainOptions, dataset, world: int | None = None) -> RunCon
         status=pick(opts.status, tr.status), snapshot=pick(opts.snapshot, tr.snapshot),
         checkpoint=pick(opts.checkpoint, tr.checkpoint), precision=precision, compile=bool(opts.compile),
         processes=world, allow_tf32=bool(opts.allow_tf32),
+        network_class=net.class_name if edm is not None else None, edm=edm,
     )
     for name in ("duration", "status", "snapshot", "checkpoint"):
         if getattr(run, name) <= 0:
             raise ValueError(f"--{name} must be a positive number of images, got {getattr(run, name)}")
+    if edm is None and not run.ema_stds:
+        raise ValueError("--ema-stds is empty; an EDM2 run tracks at least one power-function EMA (e.g. 0.05,0.10)")
     if run.lr <= 0 or run.P_std <= 0:
         raise ValueError(f"--lr and --P-std must be positive, got lr={run.lr}, P_std={run.P_std}")
     return run
+
+
+def _resolve_edm(preset, opts: TrainOptions) -> dict | None:
+    """The EDM recipe of an edm-* preset with the --augment/--ema overrides; None for EDM2 presets."""
+    if preset.edm is None:
+        if opts.augment is not None or opts.ema is not None:
+            raise ValueError(f"--augment and --ema belong to the EDM (2022) recipe; preset {preset.name} trains with "
+                             "EDM2's (power-function EMAs: --ema-stds); choose an edm-* preset")
+        return None
+    edm = preset.edm.to_dict()
+    if opts.augment is not None:
+        if not 0 <= opts.augment <= 1:
+            raise ValueError(f"--augment is a probability in [0, 1], got {opts.augment}")
+        edm["augment"] = float(opts.augment)
+    if opts.ema is not None:
+        if not opts.ema >= 0:
+            raise ValueError(f"--ema is a half-life in millions of images (>= 0), got {opts.ema}")
+        edm["ema_halflife_Mimg"] = float(opts.ema)
+    return edm

@@ -2,8 +2,9 @@
 
 A snapshot pickle of the official code is a dict with `ema` (the network), `loss_fn`, `dataset_kwargs` and, in
 EDM2, `encoder` (EDM: `augment_pipe`). The network record's class name picks a builder from
-`NETWORK_BUILDERS`, one small entry per class: it turns the recorded constructor arguments into our network
-config, builds our network and loads the recorded state with `strict=True`. The encoder and loss records are
+`NETWORK_BUILDERS`, one small entry per class (EDM2's `Precond`; EDM's `VPPrecond`, `VEPrecond`, `iDDPMPrecond`,
+`EDMPrecond`): it turns the recorded constructor arguments into our network config, builds our network and
+loads the recorded state with `strict=True`. The encoder and loss records are
 carried into the snapshot metadata in the official terms (class name and constructor arguments).
 """
 
@@ -19,11 +20,11 @@ import numpy as np
 import torch
 
 from edm2.checkpoint import Snapshot, save_snapshot
-from edm2.networks import Precond
+from edm2.networks import Precond, build_network
 from edm2.pickles import Record, read_pickle
-from edm2.presets import NetworkConfig
+from edm2.presets import EDMNetworkConfig, NetworkConfig
 
-__all__ = ["ConvertedNetwork", "NETWORK_BUILDERS", "NOT_YET_CONVERTED", "convert_network_pickle",
+__all__ = ["ConvertedNetwork", "NETWORK_BUILDERS", "convert_network_pickle",
            "snapshot_from_pickle", "convert_pickle", "constructor_kwargs", "load_strict", "encoder_from_record",
            "loss_from_record", "kimg_to_nimg"]
 
@@ -32,7 +33,7 @@ __all__ = ["ConvertedNetwork", "NETWORK_BUILDERS", "NOT_YET_CONVERTED", "convert
 class ConvertedNetwork:
     """What an official pickle holds, in edm2's terms: everything `edm2.checkpoint.Snapshot` needs."""
 
-    network: NetworkConfig
+    network: NetworkConfig | EDMNetworkConfig  # EDM2's Precond, or an EDM (2022) preconditioning
     state_dict: dict[str, torch.Tensor]  # float32
     parameter_names: tuple[str, ...]  # the averaged tensors (the official EMA averages parameters, copies buffers)
     encoder: dict  # {"class": ..., "kwargs": {...}}
@@ -44,7 +45,7 @@ class ConvertedNetwork:
 # ----------------------------------------------------------------------------------------------------
 # Networks: class name -> builder. Each builder returns our network config and the loaded state dict.
 
-NetworkBuilder = Callable[[Record], tuple[NetworkConfig, dict[str, torch.Tensor]]]
+NetworkBuilder = Callable[[Record], tuple[NetworkConfig | EDMNetworkConfig, dict[str, torch.Tensor]]]
 
 # Positional parameters of the official constructors, to name recorded `_init_args`.
 _PRECOND_POSITIONAL = ("img_resolution", "img_channels", "label_dim", "use_fp16", "sigma_data", "logvar_channels")
@@ -85,12 +86,22 @@ def _edm2_precond(record: Record) -> tuple[NetworkConfig, dict[str, torch.Tensor
     return config, load_strict(Precond(**config.to_dict()), record.state_dict(), "Precond")
 
 
+def _edm_precond(record: Record) -> tuple[EDMNetworkConfig, dict[str, torch.Tensor]]:
+    """The EDM (2022) preconditionings: flat official arguments (the model's included), built by
+    `edm2.networks.build_network`."""
+    kwargs = constructor_kwargs(record, _EDM_POSITIONAL)
+    net = build_network(record.class_name, kwargs)
+    return EDMNetworkConfig(record.class_name, kwargs), load_strict(net, record.state_dict(), record.class_name)
+
+
+_EDM_POSITIONAL = ("img_resolution", "img_channels", "label_dim", "use_fp16")
 NETWORK_BUILDERS: dict[str, NetworkBuilder] = {
     "Precond": _edm2_precond,  # EDM2 (training/networks_edm2.py)
-    # The EDM (2022) preconditionings plug in here, one entry each, when edm2.networks has them:
-    # "VPPrecond", "VEPrecond", "iDDPMPrecond", "EDMPrecond" -> build with the recorded kwargs, load_strict.
+    "VPPrecond": _edm_precond,  # EDM (training/networks.py), with SongUNet or DhariwalUNet inside
+    "VEPrecond": _edm_precond,
+    "iDDPMPrecond": _edm_precond,
+    "EDMPrecond": _edm_precond,
 }
-NOT_YET_CONVERTED = ("VPPrecond", "VEPrecond", "iDDPMPrecond", "EDMPrecond")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -167,9 +178,6 @@ def _network_record(data: Any, source: str) -> Record:
     record = data["ema"]
     if not isinstance(record, Record):
         raise ValueError(f"{source}: its 'ema' is a {type(record).__name__}, not a network of the official code")
-    if record.class_name in NOT_YET_CONVERTED:
-        raise ValueError(f"{source}: holds an EDM (2022) network ({record.class_name}); edm2 reads it but does not "
-                         "convert EDM (2022) networks yet")
     if record.class_name not in NETWORK_BUILDERS:
         raise ValueError(f"{source}: its network is a {record.class_name}, which edm2 cannot convert (known: "
                          f"{', '.join(NETWORK_BUILDERS)})")

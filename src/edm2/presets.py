@@ -1,7 +1,8 @@
 """Training presets: network shapes and training hyper-parameters as plain data.
 
-The twelve `edm2-img*` presets are the official ones (EDM2 Table 2/3 and Appendix); the `cpu-*`
-presets are small enough to train on a laptop CPU. Durations are in training images.
+The twelve `edm2-img*` presets are the official ones (EDM2 Table 2/3 and Appendix); the `edm-*` presets are
+the setups of the EDM (2022) release (its train.py options); the `cpu-*` presets are small enough to train on
+a laptop CPU. Durations are in training images.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-__all__ = ["NetworkConfig", "TrainingConfig", "Preset", "PRESETS", "get_preset"]
+__all__ = ["NetworkConfig", "TrainingConfig", "Preset", "PRESETS", "get_preset", "EDMNetworkConfig", "EDMRecipe",
+           "EDM_ARCHS", "EDM_PRECONDS"]
 
 Ki, Mi = 1 << 10, 1 << 20
 
@@ -73,14 +75,74 @@ class TrainingConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
+# ----------------------------------------------------------------------------------------------------
+# The EDM (2022) networks and recipe.
+
+
+@dataclass(frozen=True)
+class EDMNetworkConfig:
+    """A network of the EDM release: the official preconditioning class (`VPPrecond`, `VEPrecond`,
+    `iDDPMPrecond`, `EDMPrecond`) and its official flat constructor arguments (those of the official
+    train.py's network_kwargs, `model_type` and the model's options included); built by
+    `edm2.networks.build_network(class_name, kwargs)`."""
+
+    class_name: str
+    kwargs: dict
+
+    @property
+    def img_resolution(self) -> int:
+        return self.kwargs["img_resolution"]
+
+    @property
+    def img_channels(self) -> int:
+        return self.kwargs["img_channels"]
+
+    @property
+    def label_dim(self) -> int:
+        return self.kwargs.get("label_dim", 0)
+
+    @property
+    def use_fp16(self) -> bool:
+        return bool(self.kwargs.get("use_fp16", False))
+
+    @property
+    def dropout(self) -> float:
+        return self.kwargs.get("dropout", 0.10)
+
+    def to_dict(self) -> dict:
+        """The constructor arguments as plain JSON data (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.kwargs.items()}
+
+    def replace(self, **changes) -> EDMNetworkConfig:
+        """A copy with some constructor arguments changed."""
+        return EDMNetworkConfig(self.class_name, {**self.kwargs, **changes})
+
+
+@dataclass(frozen=True)
+class EDMRecipe:
+    """What an EDM (2022) run does differently from an EDM2 run (official train.py options in comments)."""
+
+    loss: str  # VPLoss, VELoss or EDMLoss, matching the preconditioning (--precond)
+    augment: float = 0.12  # --augment: probability of the AugmentPipe (0: off; on: augment_dim 9)
+    ema_halflife_Mimg: float = 0.5  # --ema: half-life of the traditional EMA, millions of images
+    ema_rampup_ratio: float | None = 0.05  # the half-life is at most this times the images seen
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    loss_scaling: float = 1.0  # --ls: constant factor on the loss (fp16)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
 @dataclass(frozen=True)
 class Preset:
-    """A named network shape plus training hyper-parameters and the data they are meant for."""
+    """A named network shape plus training hyper-parameters and the data they are meant for; `edm` holds the
+    EDM (2022) recipe of the `edm-*` presets (None: EDM2's)."""
 
     name: str
     description: str
-    network: NetworkConfig
+    network: NetworkConfig | EDMNetworkConfig
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    edm: EDMRecipe | None = None
 
 
 # The two official families: (description, image channels, t_ref in batches, P_mean, P_std).
@@ -138,6 +200,67 @@ _PRESET_LIST = [
          NetworkConfig(img_resolution=32, img_channels=3, label_dim=10, model_channels=64,
                        channel_mult=(1, 2, 2, 2), num_blocks=2, attn_resolutions=(8,), use_fp16=False)),
 ]
+# The official train.py's --arch and --precond choices: network arguments, and (class, loss) pairs.
+EDM_ARCHS = {
+    "ddpmpp": dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard",
+                   decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1], model_channels=128,
+                   channel_mult=[2, 2, 2]),
+    "ncsnpp": dict(model_type="SongUNet", embedding_type="fourier", encoder_type="residual", decoder_type="standard",
+                   channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128, channel_mult=[2, 2, 2]),
+    "adm": dict(model_type="DhariwalUNet", model_channels=192, channel_mult=[1, 2, 3, 4]),
+}
+EDM_PRECONDS = {"vp": ("VPPrecond", "VPLoss"), "ve": ("VEPrecond", "VELoss"), "edm": ("EDMPrecond", "EDMLoss")}
+
+
+def _edm(name: str, description: str, resolution: int, arch: str, precond: str, batch: int = 512,
+         lr: float = 10e-4, dropout: float = 0.13, augment: float = 0.12, ema: float = 0.5,
+         duration_Mimg: float = 200, fp16: bool = False, ls: float = 1, channel_mult: list[int] | None = None,
+         tick_kimg: int = 50) -> Preset:
+    """An EDM preset from the official train.py options (durations and intervals in decimal kimg/Mimg)."""
+    class_name, loss = EDM_PRECONDS[precond]
+    kwargs = dict(img_resolution=resolution, img_channels=3, label_dim=10, use_fp16=fp16, **EDM_ARCHS[arch],
+                  dropout=dropout)
+    if channel_mult is not None:
+        kwargs["channel_mult"] = channel_mult
+    if augment:
+        kwargs["augment_dim"] = 9
+    tick = tick_kimg * 1000
+    training = TrainingConfig(batch_size=batch, duration=int(duration_Mimg * 1e6), lr=lr, decay=0, rampup_Mimg=10,
+                              P_mean=-1.2, P_std=1.2, ema_stds=(), status=tick, snapshot=50 * tick,
+                              checkpoint=500 * tick)
+    return Preset(name, description, EDMNetworkConfig(class_name, kwargs), training,
+                  EDMRecipe(loss=loss, augment=augment, ema_halflife_Mimg=ema, loss_scaling=ls))
+
+
+def _edm_presets() -> list[Preset]:
+    """The EDM release's setups: CIFAR-10, FFHQ and AFHQv2 with DDPM++/NCSN++ x VP/VE/EDM, ImageNet with ADM."""
+    presets = []
+    for arch, arch_name in (("ddpmpp", "DDPM++"), ("ncsnpp", "NCSN++")):
+        for precond in ("vp", "ve", "edm"):
+            what = f"{arch_name}, {precond.upper()} preconditioning and loss (EDM Table 2)"
+            presets += [
+                _edm(f"edm-cifar10-{arch}-{precond}", f"CIFAR-10 32x32 (EDM 2022), {what}", 32, arch, precond),
+                _edm(f"edm-ffhq64-{arch}-{precond}", f"FFHQ 64x64 (EDM 2022), {what}", 64, arch, precond,
+                     batch=256, lr=2e-4, dropout=0.05, augment=0.15, channel_mult=[1, 2, 2, 2]),
+                _edm(f"edm-afhqv2-64-{arch}-{precond}", f"AFHQv2 64x64 (EDM 2022), {what}", 64, arch, precond,
+                     batch=256, lr=2e-4, dropout=0.25, augment=0.15, channel_mult=[1, 2, 2, 2]),
+            ]
+    presets.append(_edm("edm-imagenet64-adm", "ImageNet 64x64 (EDM 2022), ADM with EDM preconditioning, "
+                        "class-conditional", 64, "adm", "edm", batch=4096, lr=1e-4, dropout=0.10, augment=0,
+                        ema=50, duration_Mimg=2500, fp16=True, ls=100, tick_kimg=200))
+    return presets
+
+
+_PRESET_LIST += _edm_presets()
+_PRESET_LIST.append(Preset(  # the EDM recipe at toy size: DDPM++ with EDM preconditioning and augmentation
+    "cpu-edm-tiny8", "8x8 grayscale, tiny DDPM++ with the EDM recipe (loss, augmentation, traditional EMA), for "
+    "smoke tests and CI", EDMNetworkConfig("EDMPrecond", dict(
+        img_resolution=8, img_channels=1, label_dim=10, use_fp16=False, **{**EDM_ARCHS["ddpmpp"],
+        "model_channels": 16, "channel_mult": [1, 2]}, num_blocks=1, attn_resolutions=[4], dropout=0.13,
+        augment_dim=9)),
+    TrainingConfig(batch_size=32, duration=64 * Ki, lr=1e-3, decay=0, rampup_Mimg=0.01, P_mean=-1.2, P_std=1.2,
+                   ema_stds=(), status=16 * Ki, snapshot=16 * Ki, checkpoint=32 * Ki),
+    EDMRecipe(loss="EDMLoss", augment=0.12, ema_halflife_Mimg=0.005)))
 PRESETS: dict[str, Preset] = {p.name: p for p in _PRESET_LIST}
 
 

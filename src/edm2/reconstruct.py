@@ -25,9 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edm2.checkpoint import Snapshot, load_tensors, posthoc_filename, read_metadata, save_snapshot
+from edm2.checkpoint import (
+    Snapshot,
+    load_tensors,
+    network_from_metadata,
+    posthoc_filename,
+    read_metadata,
+    save_snapshot,
+)
 from edm2.ema import MAX_SIGMA_REL, power_function_correlation, solve_posthoc_coefficients
-from edm2.presets import NetworkConfig
 
 __all__ = ["DEFAULT_MAX_ERROR", "GAP_RATIO", "SnapshotInfo", "EMATarget", "ReconstructionResult",
            "ReconstructionPlan", "scan_snapshots", "profile_error", "plan_reconstruction", "execute_reconstruction",
@@ -50,10 +56,11 @@ class SnapshotInfo:
     network: dict | None  # edm2 network config; None for models edm2 cannot rebuild
     parameter_names: tuple[str, ...]
     averaged_names: tuple[str, ...] | None  # None: not recorded (our trainer); derived from the network
+    network_class: str | None = None  # official class of an EDM-release network; None: EDM2's Precond
 
 
 def _signature(info: SnapshotInfo) -> str:
-    return json.dumps([info.network, info.parameter_names], sort_keys=True)
+    return json.dumps([info.network, info.parameter_names, info.network_class], sort_keys=True)
 
 
 def scan_snapshots(source: str | Path, stds: Sequence[float] | None = None,
@@ -80,7 +87,7 @@ def scan_snapshots(source: str | Path, stds: Sequence[float] | None = None,
             raise ValueError(f"{path}: snapshot metadata lacks a valid time (nimg) or parameter_names")
         infos.append(SnapshotInfo(path, int(meta["nimg"]), float(meta["sigma_rel"]), meta.get("network"),
                                   tuple(meta.get("parameter_names") or ()),
-                                  None if averaged is None else tuple(averaged)))
+                                  None if averaged is None else tuple(averaged), meta.get("network_class")))
     if not infos:
         raise ValueError(f"{source}: holds no EMA snapshots (snapshot-*.safetensors written during training)")
     if stds is not None:
@@ -118,7 +125,8 @@ def _check_one_network(infos: Sequence[SnapshotInfo]) -> None:
         by_signature.setdefault(_signature(info), info)
     if len(by_signature) > 1:
         a, b = list(by_signature.values())[:2]
-        what = "network configs" if a.network != b.network else "parameter names"
+        what = "network configs" if (a.network, a.network_class) != (b.network, b.network_class) \
+            else "parameter names"
         raise ValueError(f"snapshots from different networks in one folder ({what} differ): {a.path.name} and "
                          f"{b.path.name}; keep one run's snapshots per folder")
 
@@ -343,7 +351,7 @@ def execute_reconstruction(plan: ReconstructionPlan, targets: Sequence[EMATarget
             info["tensor_sigma_rel"] = per_tensor_map
             info["profile_errors"] = {f"{s:g}": e for s, e in errors.items()}
         path = outdir / target.filename(plan.nimg)
-        network = None if first.network is None else NetworkConfig.from_dict(first.network)
+        network = None if first.network is None else network_from_metadata(first.network, first.network_class)
         save_snapshot(path, Snapshot(state, network, target.sigma_rel, plan.nimg, info, tuple(plan.averaged),
                                      first_meta.get("encoder")))
         outputs[j] = {}

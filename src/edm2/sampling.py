@@ -1,8 +1,10 @@
 """EDM samplers (EDM paper, Algorithms 1 and 2) over any denoiser callable `D(x, sigma, labels)`.
 
 The sampler knows nothing of networks or files: pass a `Precond`, an analytic denoiser, or a guided
-combination. `SamplerSettings` carries the sampler's options as one object from the command line down to
-`edm_sampler`. `StackedRandomGenerator` makes every image depend on its own seed only.
+combination. `edm_sampler` is EDM2's sampler; `ablation_sampler` is the general sampler of the EDM paper (any
+time-step discretization, noise schedule, signal scaling, Euler or the generalized 2nd-order step), of which
+`edm_sampler` is the special case. `SamplerSettings` carries the sampler's options as one object from the
+command line down to the sampler. `StackedRandomGenerator` makes every image depend on its own seed only.
 """
 
 from __future__ import annotations
@@ -15,23 +17,23 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["edm_sigma_steps", "edm_sampler", "SamplerSettings", "SOLVERS", "StackedRandomGenerator", "Denoiser"]
+from edm2.schedules import (
+    DISCRETIZATIONS,
+    SCALINGS,
+    SCHEDULES,
+    check_choice,
+    default_sigma_range,
+    edm_sigma_steps,
+    noise_schedule,
+    sigma_steps,
+    signal_scaling,
+)
+
+__all__ = ["edm_sigma_steps", "edm_sampler", "ablation_sampler", "SamplerSettings", "SOLVERS",
+           "StackedRandomGenerator", "Denoiser"]
 
 Denoiser = Callable[..., torch.Tensor]
 SOLVERS = ("heun", "euler")
-
-
-def edm_sigma_steps(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-                    dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The EDM time steps sigma_0 > ... > sigma_{N-1} (EDM Eq. 5) followed by sigma_N = 0."""
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
-    i = torch.arange(num_steps, dtype=dtype, device=device)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    t = (hi + i / max(num_steps - 1, 1) * (lo - hi)) ** rho
-    return torch.cat([t, torch.zeros_like(t[:1])])
 
 
 def edm_sampler(
@@ -60,15 +62,7 @@ def edm_sampler(
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
-    if guidance != 1 and gnet is None:
-        raise ValueError(f"guidance={guidance} needs a guide network (gnet)")
-
-    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        Dx = net(x, sigma, labels).to(dtype)
-        if guidance == 1:
-            return Dx
-        return gnet(x, sigma, labels).to(dtype).lerp(Dx, guidance)
-
+    denoise = _guided(net, gnet, guidance, labels, dtype)
     t_steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, dtype=dtype, device=noise.device)
     x_next = noise.to(dtype) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
@@ -87,13 +81,123 @@ def edm_sampler(
     return x_next
 
 
+def _guided(net: Denoiser, gnet: Denoiser | None, guidance: float, labels: torch.Tensor | None,
+            dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """D(x; sigma) of `net`, or gnet + guidance (net - gnet) when guidance != 1, in `dtype`."""
+    if guidance != 1 and gnet is None:
+        raise ValueError(f"guidance={guidance} needs a guide network (gnet)")
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        Dx = net(x, sigma, labels).to(dtype)
+        return Dx if guidance == 1 else gnet(x, sigma, labels).to(dtype).lerp(Dx, guidance)
+
+    return denoise
+
+
+def _supported_range(net: Denoiser, discretization: str, sigma_min: float | None, sigma_max: float | None,
+                     epsilon_s: float) -> tuple[float, float]:
+    """The requested noise range (None: the discretization's default) clipped to the network's."""
+    lo, hi = default_sigma_range(discretization, epsilon_s)
+    lo, hi = lo if sigma_min is None else sigma_min, hi if sigma_max is None else sigma_max
+    net_lo, net_hi = getattr(net, "sigma_min", 0), getattr(net, "sigma_max", math.inf)
+    if lo < hi and not max(lo, net_lo) < min(hi, net_hi):
+        raise ValueError(f"noise range [{lo:g}, {hi:g}] lies outside the range [{net_lo:g}, {net_hi:g}] the network "
+                         "supports; choose --sigma-min/--sigma-max that overlap it")
+    return max(lo, net_lo), min(hi, net_hi)
+
+
+def ablation_sampler(
+    net: Denoiser,
+    latents: torch.Tensor,
+    class_labels: torch.Tensor | None = None,
+    randn_like: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
+    num_steps: int = 18,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    rho: float = 7.0,
+    solver: str = "heun",
+    discretization: str = "edm",
+    schedule: str = "linear",
+    scaling: str = "none",
+    epsilon_s: float = 1e-3,
+    C_1: float = 0.001,
+    C_2: float = 0.008,
+    M: int = 1000,
+    alpha: float = 1.0,
+    S_churn: float = 0.0,
+    S_min: float = 0.0,
+    S_max: float = float("inf"),
+    S_noise: float = 1.0,
+    gnet: Denoiser | None = None,
+    guidance: float = 1.0,
+    dtype: torch.dtype = torch.float64,
+    randn_every_step: bool = True,
+) -> torch.Tensor:
+    """The general sampler of EDM Algorithm 1 (the official `ablation_sampler`): solve the ODE of EDM Eq. 4
+    for the schedule sigma(t) and scaling s(t), over the time steps of `discretization`, from `latents`
+    (unit noise) to t = 0. See `edm2.schedules` for the choices.
+
+    `solver='heun'` takes the generalized 2nd-order step with parameter `alpha` (1: Heun's trapezoid, 0.5:
+    midpoint) except on the last step; 'euler' is 1st order. The sigma range defaults to the discretization's
+    (`default_sigma_range`) and is clipped to a network's `sigma_min`/`sigma_max`; a network's `round_sigma`
+    snaps the noise levels to those it supports (iDDPM). S_churn > 0 adds the churn of EDM Algorithm 2.
+    With `randn_every_step` (the official EDM samplers) `randn_like` is called on every step when S_churn > 0,
+    also where the noise is not used; False calls it only on steps that churn (EDM2's `edm_sampler`). With
+    discretization 'edm', schedule 'linear', scaling 'none', alpha 1 it gives the images of `edm_sampler`.
+    """
+    check_choice("solver", solver, SOLVERS)
+    if not 0 < alpha <= 1:
+        raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
+    denoise = _guided(net, gnet, guidance, class_labels, dtype)
+    round_sigma = getattr(net, "round_sigma", lambda sigma: sigma)
+    sigma_min, sigma_max = _supported_range(net, discretization, sigma_min, sigma_max, epsilon_s)
+    sched = noise_schedule(schedule, sigma_min, sigma_max, epsilon_s)
+    scale = signal_scaling(scaling, sched)
+    steps = sigma_steps(discretization, num_steps, sigma_min, sigma_max, rho, epsilon_s, C_1, C_2, M, dtype,
+                        latents.device)
+    t_steps = sched.sigma_inv(round_sigma(steps).to(dtype))
+    t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])  # t_N = 0
+
+    def derivative(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # dx/dt of EDM Eq. 4
+        D = denoise(x / scale.s(t), sched.sigma(t))
+        return sched.sigma_deriv(t) * (x - scale.s(t) * D) / sched.sigma(t) + scale.s_deriv(t) / scale.s(t) * x
+
+    x_next = latents.to(dtype) * (sched.sigma(t_steps[0]) * scale.s(t_steps[0]))
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_cur = x_next
+        churn = S_churn > 0 and S_min <= sched.sigma(t_cur) <= S_max
+        if churn:  # raise the noise level temporarily (EDM Algorithm 2)
+            sigma_cur = sched.sigma(t_cur)
+            t_hat = sched.sigma_inv(round_sigma(sigma_cur + min(S_churn / num_steps, np.sqrt(2) - 1) * sigma_cur))
+            x_hat = scale.s(t_hat) / scale.s(t_cur) * x_cur + (sched.sigma(t_hat) ** 2 - sigma_cur**2).clip(
+                min=0).sqrt() * scale.s(t_hat) * S_noise * randn_like(x_cur)
+        else:
+            if randn_every_step and S_churn > 0:
+                randn_like(x_cur)  # drawn and unused, as the official EDM samplers do
+            t_hat, x_hat = t_cur, x_cur
+        h = t_next - t_hat
+        d_cur = derivative(x_hat, t_hat)
+        if solver == "euler" or i == num_steps - 1:
+            x_next = x_hat + h * d_cur
+        else:
+            t_prime = t_next if alpha == 1 else t_hat + alpha * h
+            d_prime = derivative(x_hat + alpha * h * d_cur, t_prime)
+            x_next = x_hat + h * ((1 - 1 / (2 * alpha)) * d_cur + 1 / (2 * alpha) * d_prime)
+    return x_next
+
+
 @dataclass(frozen=True)
 class SamplerSettings:
-    """Every option of `edm_sampler` but its inputs, as one value (defaults: the EDM2 paper's sampling)."""
+    """Every option of the samplers but their inputs, as one value (defaults: the EDM2 paper's sampling).
+
+    `discretization`, `schedule`, `scaling`, `alpha` (and the table parameters epsilon_s, C_1, C_2, M) choose a
+    point of the EDM design space (`ablation_sampler`); the defaults are `edm_sampler`'s. `sigma_min` and
+    `sigma_max` left at None take the discretization's official range (`default_sigma_range`).
+    """
 
     num_steps: int = 32
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
+    sigma_min: float | None = None  # None: 0.002 for 'edm' (the discretization's default), set at construction
+    sigma_max: float | None = None  # None: 80 for 'edm'
     rho: float = 7.0
     guidance: float = 1.0
     S_churn: float = 0.0
@@ -101,24 +205,48 @@ class SamplerSettings:
     S_max: float = float("inf")
     S_noise: float = 1.0
     solver: str = "heun"
+    discretization: str = "edm"
+    schedule: str = "linear"
+    scaling: str = "none"
+    alpha: float = 1.0
+    epsilon_s: float = 1e-3
+    C_1: float = 0.001
+    C_2: float = 0.008
+    M: int = 1000
 
     def __post_init__(self) -> None:
+        for option, value, choices in (("--solver", self.solver, SOLVERS), ("--disc", self.discretization,
+                                       DISCRETIZATIONS), ("--schedule", self.schedule, SCHEDULES),
+                                       ("--scaling", self.scaling, SCALINGS)):
+            check_choice(option, value, choices)
+        lo, hi = default_sigma_range(self.discretization, self.epsilon_s)
+        object.__setattr__(self, "sigma_min", lo if self.sigma_min is None else self.sigma_min)
+        object.__setattr__(self, "sigma_max", hi if self.sigma_max is None else self.sigma_max)
         if self.num_steps < 1:
             raise ValueError(f"--steps must be at least 1, got {self.num_steps}")
         if not 0 < self.sigma_min < self.sigma_max < math.inf:
             raise ValueError(f"need 0 < --sigma-min < --sigma-max, got {self.sigma_min} and {self.sigma_max}")
         if not self.rho > 0:
             raise ValueError(f"--rho must be positive, got {self.rho}")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"--solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
         if self.S_churn < 0 or self.S_noise < 0 or self.S_min > self.S_max:
             raise ValueError(f"need --S-churn >= 0, --S-noise >= 0 and --S-min <= --S-max, got {self.S_churn}, "
                              f"{self.S_noise}, {self.S_min}, {self.S_max}")
+        if not 0 < self.alpha <= 1:
+            raise ValueError(f"--alpha must lie in (0, 1], got {self.alpha}")
+        if not (0 < self.epsilon_s < 1 and self.C_1 > 0 and self.M >= 1):
+            raise ValueError(f"need 0 < epsilon_s < 1, C_1 > 0 and M >= 1, got {self.epsilon_s}, {self.C_1}, "
+                             f"{self.M}")
 
     @property
     def evaluations(self) -> int:
         """Network evaluations per image (times two with guidance)."""
         return 2 * self.num_steps - 1 if self.solver == "heun" else self.num_steps
+
+    @property
+    def is_edm_sampler(self) -> bool:
+        """Whether these settings are those of `edm_sampler` (EDM discretization, linear schedule, no
+        scaling, Heun with alpha 1 or Euler)."""
+        return (self.discretization, self.schedule, self.scaling, self.alpha) == ("edm", "linear", "none", 1)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -126,11 +254,24 @@ class SamplerSettings:
     def sample(self, net: Denoiser, noise: torch.Tensor, labels: torch.Tensor | None = None,
                gnet: Denoiser | None = None,
                randn_like: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like) -> torch.Tensor:
-        """`edm_sampler` with these settings."""
-        return edm_sampler(net, noise, labels, gnet=gnet, num_steps=self.num_steps, sigma_min=self.sigma_min,
-                           sigma_max=self.sigma_max, rho=self.rho, guidance=self.guidance, S_churn=self.S_churn,
-                           S_min=self.S_min, S_max=self.S_max, S_noise=self.S_noise, randn_like=randn_like,
-                           solver=self.solver)
+        """Sample with these settings as the official code of the network's family does. A network of the
+        EDM (2022) release (one with `round_sigma`) goes through `ablation_sampler` as in its official
+        `generate.py`: float64, noise range clipped to the network's, churn noise drawn on every step. Anything
+        else (EDM2 networks, analytic denoisers) through `edm_sampler` in float32, or `ablation_sampler` in
+        float32 with EDM2's churn draws when the settings leave the EDM point of the design space."""
+        official_edm = hasattr(net, "round_sigma")
+        if self.is_edm_sampler and not official_edm:
+            return edm_sampler(net, noise, labels, gnet=gnet, num_steps=self.num_steps, sigma_min=self.sigma_min,
+                               sigma_max=self.sigma_max, rho=self.rho, guidance=self.guidance,
+                               S_churn=self.S_churn, S_min=self.S_min, S_max=self.S_max, S_noise=self.S_noise,
+                               randn_like=randn_like, solver=self.solver)
+        return ablation_sampler(
+            net, noise, labels, randn_like=randn_like, num_steps=self.num_steps, sigma_min=self.sigma_min,
+            sigma_max=self.sigma_max, rho=self.rho, solver=self.solver, discretization=self.discretization,
+            schedule=self.schedule, scaling=self.scaling, epsilon_s=self.epsilon_s, C_1=self.C_1, C_2=self.C_2,
+            M=self.M, alpha=self.alpha, S_churn=self.S_churn, S_min=self.S_min, S_max=self.S_max,
+            S_noise=self.S_noise, gnet=gnet, guidance=self.guidance,
+            dtype=torch.float64 if official_edm else torch.float32, randn_every_step=official_edm)
 
 
 class StackedRandomGenerator:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edm2.augment import EDM_AUGMENT_KWARGS, AugmentPipe
 from edm2.checkpoint import (
     OPTIONS_FILE,
     RunLock,
@@ -32,12 +33,13 @@ from edm2.checkpoint import (
     save_training_state,
 )
 from edm2.data import BatchStream, ImageDataset, open_dataset
+from edm2.edm_losses import EDM_LOSSES, EDMLoss
+from edm2.ema_trackers import EMATrackers, TraditionalEMATracker
 from edm2.layers import force_weight_normalization_
-from edm2.losses import EDM2Loss, sample_sigma
-from edm2.networks import Precond
+from edm2.losses import EDM2Loss
+from edm2.networks import Precond, build_network
 from edm2.options import RunConfig, TrainOptions, resolve_run
 from edm2.posthoc import PosthocEMA
-from edm2.presets import NetworkConfig
 from edm2.runlog import RunLog
 from edm2.runtime import (
     STOP_NONE,
@@ -71,9 +73,10 @@ def learning_rate_schedule(cur_nimg: float, batch_size: int, ref_lr: float = 100
 
 
 def make_adam(params: Iterable[torch.nn.Parameter], lr: float = 0.0, fused: bool | None = None,
-              foreach: bool | None = None) -> torch.optim.Adam:
-    """Adam with the EDM2 settings: betas (0.9, 0.99), eps 1e-8, no weight decay."""
-    return torch.optim.Adam(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, fused=fused, foreach=foreach)
+              foreach: bool | None = None, betas: tuple[float, float] = ADAM_BETAS) -> torch.optim.Adam:
+    """Adam with the EDM2 settings: betas (0.9, 0.99), eps 1e-8, no weight decay (EDM-release runs: betas
+    (0.9, 0.999))."""
+    return torch.optim.Adam(params, lr=lr, betas=betas, eps=ADAM_EPS, fused=fused, foreach=foreach)
 
 
 @torch.no_grad()
@@ -94,14 +97,15 @@ class Trainer:
 
     run: RunConfig
     device: torch.device
-    net: Precond  # the weights being trained
+    net: torch.nn.Module  # the weights being trained: a Precond, or an EDM-release preconditioning
     ddp: torch.nn.parallel.DistributedDataParallel | None  # `net` wrapped for several processes, else None
     model: torch.nn.Module  # what the loss calls: `ddp or net`, torch.compile'd with --compile
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # dynamic loss scaling with fp16, a no-op otherwise
-    loss_fn: EDM2Loss
+    loss_fn: EDM2Loss | EDMLoss  # EDM-release runs: VPLoss, VELoss or EDMLoss
     data: BatchStream
-    ema: PosthocEMA | None  # power-function EMAs: rank 0 of a run with an out-dir writes the snapshots
+    ema: PosthocEMA | EMATrackers | None  # EMAs: rank 0 of a run with an out-dir writes the snapshots
+    augment_pipe: AugmentPipe | None = None  # EDM-release runs with --augment > 0
 
 
 def setup(run: RunConfig, dataset: ImageDataset, device: torch.device, outdir: str | Path | None = None) -> Trainer:
@@ -109,7 +113,8 @@ def setup(run: RunConfig, dataset: ImageDataset, device: torch.device, outdir: s
     with an `outdir` on rank 0, the EMA tracker."""
     rank, world = world_info()
     torch.manual_seed(run.seed)
-    net = Precond(**run.network).train().requires_grad_(True).set_precision(run.precision)
+    net = Precond(**run.network) if run.network_class is None else build_network(run.network_class, run.network)
+    net = net.train().requires_grad_(True).set_precision(run.precision)
     # channels_last pays with low-precision convolutions (oneDNN/AMX on CPU, tensor cores on CUDA), not in
     # float32 on CPU (docs/benchmarks.md).
     net = net.to(device, memory_format=torch.contiguous_format if run.precision == "fp32" else torch.channels_last)
@@ -122,16 +127,34 @@ def setup(run: RunConfig, dataset: ImageDataset, device: torch.device, outdir: s
     scaler = torch.amp.GradScaler(device.type, init_scale=1.0, enabled=run.precision == "fp16")
     ema = None
     if outdir is not None and rank == 0:
-        ema = PosthocEMA(net, outdir, run.ema_stds, snapshot_every=run.snapshot,
-                         network=NetworkConfig.from_dict(run.network), rank=rank,
-                         info={"preset": run.preset, "dataset": run.dataset, "data": run.data},
-                         encoder={"class": "StandardRGBEncoder", "kwargs": {}})
+        info = {"preset": run.preset, "dataset": run.dataset, "data": run.data}
+        encoder = {"class": "StandardRGBEncoder", "kwargs": {}}
+        ema = PosthocEMA(net, outdir, run.ema_stds, snapshot_every=run.snapshot, network=run.network_config(),
+                         rank=rank, info=info, encoder=encoder) if run.ema_stds else None
+        if run.edm is not None:  # the EDM release's traditional EMA, with power EMAs beside it when asked
+            traditional = TraditionalEMATracker(net, outdir, run.edm["ema_halflife_Mimg"],
+                                                run.edm["ema_rampup_ratio"], run.snapshot, run.network_config(),
+                                                info, rank, encoder)
+            ema = EMATrackers({"traditional": traditional, **({"power": ema} if ema is not None else {})})
+    edm = run.edm or {}
+    loss_fn = EDM2Loss(P_mean=run.P_mean, P_std=run.P_std, sigma_data=net.sigma_data) if not edm else \
+        _edm_loss(edm["loss"], run, net)
     return Trainer(
         run=run, device=device, net=net, ddp=ddp, model=torch.compile(model) if run.compile else model,
-        optimizer=make_adam(net.parameters(), fused=True),  # one kernel for all tensors, CPU and CUDA
-        scaler=scaler, loss_fn=EDM2Loss(P_mean=run.P_mean, P_std=run.P_std, sigma_data=net.sigma_data),
+        optimizer=make_adam(net.parameters(), fused=True,  # one kernel for all tensors, CPU and CUDA
+                            betas=tuple(edm.get("adam_betas", ADAM_BETAS))),
+        scaler=scaler, loss_fn=loss_fn,
         data=BatchStream(dataset, run.seed, run.batch, run.batch_gpu, net.label_dim, rank, world), ema=ema,
+        augment_pipe=AugmentPipe(p=edm["augment"], **EDM_AUGMENT_KWARGS) if edm.get("augment") else None,
     )
+
+
+def _edm_loss(name: str, run: RunConfig, net: torch.nn.Module) -> EDM2Loss | EDMLoss:
+    """The loss of an EDM-release run: VPLoss and VELoss with the official parameters, EDMLoss with the run's
+    P_mean, P_std and the network's sigma_data."""
+    if name == "EDMLoss":
+        return EDMLoss(P_mean=run.P_mean, P_std=run.P_std, sigma_data=net.sigma_data)
+    return EDM_LOSSES[name]()
 
 
 def train_step(t: Trainer, cur_nimg: int,
@@ -148,9 +171,11 @@ def train_step(t: Trainer, cur_nimg: int,
     # Noise levels and noise of the whole global batch come from one generator per step, so that every
     # image sees the same noise whatever the number of processes or accumulation rounds.
     gen = torch.Generator(t.device).manual_seed(step_seed(run.seed, cur_nimg))
-    sigma = sample_sigma(run.batch, run.P_mean, run.P_std, t.device, gen)
+    sigma = t.loss_fn.sample_sigma(run.batch, t.device, gen)
     noise = torch.randn([run.batch, t.net.img_channels, t.net.img_resolution, t.net.img_resolution],
                         device=t.device, generator=gen)
+    augment = None if t.augment_pipe is None else t.augment_pipe.sample(run.batch, t.device, gen)
+    loss_scaling = 1.0 if run.edm is None else run.edm["loss_scaling"]
     loss_sum = torch.zeros([], device=t.device)
     for r, (images, labels) in enumerate(micro_batches):
         start = t.data.offsets[r]
@@ -159,10 +184,14 @@ def train_step(t: Trainer, cur_nimg: int,
         if run.compile:
             force_weight_normalization_(t.net)  # compiled code does not write the weights itself
         last = r == len(micro_batches) - 1
+        images = images.to(t.device)
+        extra = {}
+        if augment is not None:  # non-leaky augmentation: the network sees the augment labels
+            images, extra["augment_labels"] = t.augment_pipe.apply(images, augment[part])
         with t.ddp.no_sync() if t.ddp is not None and not last else contextlib.nullcontext():
-            loss = t.loss_fn(t.model, images.to(t.device), None if labels is None else labels.to(t.device),
-                             sigma=sigma[part], noise=noise[part])
-            t.scaler.scale(loss.sum().mul(1 / (run.batch // run.processes))).backward()
+            loss = t.loss_fn(t.model, images, None if labels is None else labels.to(t.device),
+                             sigma=sigma[part], noise=noise[part], **extra)
+            t.scaler.scale(loss.sum().mul(loss_scaling / (run.batch // run.processes))).backward()
         loss_sum += loss.detach().sum()
     t.scaler.unscale_(t.optimizer)  # no-op unless fp16 loss scaling is on
     sanitize_gradients(t.net.parameters())

@@ -12,6 +12,7 @@ import click
 
 from edm2.ema import MAX_SIGMA_REL
 from edm2.sampling import SOLVERS, SamplerSettings
+from edm2.schedules import DISCRETIZATIONS, SCALINGS, SCHEDULES
 
 __all__ = ["UNITS", "parse_nimg", "NIMG", "parse_seeds", "parse_floats", "parse_std_list", "parse_std_for",
            "sampler_options"]
@@ -120,8 +121,10 @@ def parse_std_for(items: Sequence[str], option: str = "--std-for") -> tuple[tupl
 # (option, SamplerSettings field, type, help)
 _SAMPLER_OPTIONS = [
     ("--steps", "num_steps", int, "Sampler steps (Heun: 2*steps-1 network evaluations)."),
-    ("--sigma-min", "sigma_min", float, "Lowest noise level of the time steps."),
-    ("--sigma-max", "sigma_max", float, "Highest noise level (the noise the sampler starts from)."),
+    ("--sigma-min", "sigma_min", float, "Lowest noise level of the time steps.  [default: varies with --disc, "
+                                        "0.002 for edm]"),
+    ("--sigma-max", "sigma_max", float, "Highest noise level (the noise the sampler starts from).  [default: "
+                                        "varies with --disc, 80 for edm]"),
     ("--rho", "rho", float, "Time-step exponent (EDM Eq. 5)."),
     ("--solver", "solver", click.Choice(SOLVERS), "ODE solver: heun (2nd order) or euler (1st order)."),
     ("--guidance", "guidance", float, "Guidance weight w (needs --gnet when not 1)."),
@@ -129,7 +132,15 @@ _SAMPLER_OPTIONS = [
     ("--S-min", "S_min", float, "Churn only for sigma >= S_min."),
     ("--S-max", "S_max", float, "... and sigma <= S_max."),
     ("--S-noise", "S_noise", float, "Churn noise scale."),
+    # The EDM design space (EDM Table 1); the defaults are the EDM point (edm_sampler).
+    ("--disc", "discretization", click.Choice(DISCRETIZATIONS), "Time-step discretization (EDM Table 1)."),
+    ("--schedule", "schedule", click.Choice(SCHEDULES), "Noise schedule sigma(t)."),
+    ("--scaling", "scaling", click.Choice(SCALINGS), "Signal scaling s(t)."),
+    ("--alpha", "alpha", float, "Parameter of the 2nd-order step (1: Heun, 0.5: midpoint)."),
 ]
+
+
+_VARYING = ("sigma_min", "sigma_max")  # None: the discretization's range (SamplerSettings resolves it)
 
 
 def sampler_options(defaults: SamplerSettings = SamplerSettings()) -> Callable:
@@ -142,7 +153,8 @@ def sampler_options(defaults: SamplerSettings = SamplerSettings()) -> Callable:
             return fn(*args, settings=SamplerSettings(**values), **kwargs)
 
         for option, field, kind, help in reversed(_SAMPLER_OPTIONS):
-            wrapper = click.option(option, field, type=kind, default=getattr(defaults, field), show_default=True,
+            default = None if field in _VARYING else getattr(defaults, field)
+            wrapper = click.option(option, field, type=kind, default=default, show_default=default is not None,
                                    help=help)(wrapper)
         return wrapper
 

@@ -27,7 +27,10 @@ from edm2.cli.params import NIMG, parse_floats
 @click.option("--status", type=NIMG, help="Status interval in images.  [default: preset]")
 @click.option("--snapshot", type=NIMG, help="EMA snapshot interval in images.  [default: preset]")
 @click.option("--checkpoint", type=NIMG, help="Checkpoint interval in images.  [default: preset]")
-@click.option("--ema-stds", help="Comma-separated sigma_rel of the tracked EMAs.  [default: 0.05,0.10]")
+@click.option("--ema-stds", help="Comma-separated sigma_rel of the tracked EMAs.  [default: 0.05,0.10; edm-* "
+                                "presets: none]")
+@click.option("--augment", type=float, help="edm-* presets: augmentation probability, 0 = off.  [default: preset]")
+@click.option("--ema", type=float, help="edm-* presets: traditional EMA half-life in Mimg.  [default: preset]")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
@@ -39,12 +42,12 @@ from edm2.cli.params import NIMG, parse_floats
 @click.option("--dry-run", is_flag=True, help="Validate and print the resolved options, then exit.")
 @friendly_errors
 def train(outdir, data, preset, cond, duration, batch, batch_gpu, lr, decay, dropout, P_mean, P_std, status,
-          snapshot, checkpoint, ema_stds, seed, device, precision, compile_net, allow_tf32, dry_run) -> None:
+          snapshot, checkpoint, ema_stds, augment, ema, seed, device, precision, compile_net, allow_tf32,
+          dry_run) -> None:
     """Train a model (or resume the run in OUTDIR). Under torchrun, data-parallel over the processes."""
     from edm2.complexity import count_complexity
     from edm2.data import open_dataset
     from edm2.options import TrainOptions, resolve_run
-    from edm2.presets import NetworkConfig
     from edm2.runtime import distributed
     from edm2.training import train as run_training
 
@@ -52,11 +55,12 @@ def train(outdir, data, preset, cond, duration, batch, batch_gpu, lr, decay, dro
     opts = TrainOptions(outdir=outdir, data=data, preset=preset, cond=cond, duration=duration, batch=batch,
                         batch_gpu=batch_gpu, lr=lr, decay=decay, dropout=dropout, P_mean=P_mean, P_std=P_std,
                         status=status, snapshot=snapshot, checkpoint=checkpoint, ema_stds=stds, seed=seed,
-                        device=device, precision=precision, compile=compile_net, allow_tf32=allow_tf32)
+                        device=device, precision=precision, compile=compile_net, allow_tf32=allow_tf32,
+                        augment=augment, ema=ema)
     with one_voice(), distributed(device) as (rank, _):
         if dry_run:
             run = resolve_run(opts, open_dataset(data))
-            c = count_complexity(NetworkConfig.from_dict(run.network))
+            c = count_complexity(run.network_config())
             if rank == 0:
                 click.echo(json.dumps({**run.to_dict(), "parameters": c.parameters, "gflops": round(c.gflops, 3)},
                                       indent=2))
@@ -89,6 +93,8 @@ def info(preset) -> None:
         click.echo(f"  network.{k:18s} {v}")
     for k, v in p.training.to_dict().items():
         click.echo(f"  training.{k:17s} {v}")
+    for k, v in (p.edm.to_dict() if p.edm is not None else {}).items():
+        click.echo(f"  edm.{k:22s} {v}")
 
 
 @main.command()

@@ -1,0 +1,307 @@
+"""The preconditionings of the EDM paper (Table 1) around a DDPM++/NCSN++ (`SongUNet`) or ADM (`DhariwalUNet`)
+network: `VPPrecond`, `VEPrecond`, `iDDPMPrecond` and `EDMPrecond`, with the official constructor options,
+`round_sigma`, `sigma_min` and `sigma_max`.
+
+D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x; c_noise(sigma)). Each class takes the official
+keyword arguments of its own, plus `model_type` and the model's arguments as one `model_kwargs` dict;
+`build_network(class_name, kwargs)` takes the official flat keyword arguments (what an official pickle or an
+edm2 snapshot records) and is the one mapping from a class name to a network.
+
+Like the official code, the preconditioning computes in float32; the model runs in float16 on CUDA when built
+with `use_fp16` (or at the precision set by `set_precision`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from edm2.networks.dhariwal import DhariwalUNet
+from edm2.networks.edm2 import LOW_PRECISION_DTYPES, PRECISIONS, Precond
+from edm2.networks.songunet import SongUNet
+
+__all__ = ["VPPrecond", "VEPrecond", "iDDPMPrecond", "EDMPrecond", "MODEL_TYPES", "NETWORK_CLASSES",
+           "build_network", "network_class_name", "vp_sigma", "vp_sigma_inv", "iddpm_u_table"]
+
+MODEL_TYPES: dict[str, type[torch.nn.Module]] = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
+
+
+def vp_sigma(t: torch.Tensor | float, beta_d: float, beta_min: float) -> torch.Tensor:
+    """Noise level of the VP SDE at time t: sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) (EDM Table 1)."""
+    t = t if isinstance(t, torch.Tensor) else torch.as_tensor(t)
+    return ((0.5 * beta_d * (t**2) + beta_min * t).exp() - 1).sqrt()
+
+
+def vp_sigma_inv(sigma: torch.Tensor | float, beta_d: float, beta_min: float) -> torch.Tensor:
+    """Inverse of `vp_sigma`: the time t at which the VP SDE reaches noise level sigma."""
+    sigma = sigma if isinstance(sigma, torch.Tensor) else torch.as_tensor(sigma)
+    return ((beta_min**2 + 2 * beta_d * (1 + sigma**2).log()).sqrt() - beta_min) / beta_d
+
+
+def iddpm_u_table(M: int = 1000, C_1: float = 0.001, C_2: float = 0.008, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """The M+1 noise levels u_0 > ... > u_M = 0 of the iDDPM cosine schedule (EDM Table 1, footnote):
+    u_{j-1} = sqrt((u_j^2 + 1) / max(alpha_bar(j-1) / alpha_bar(j), C_1) - 1).
+
+    alpha_bar(j) = sin^2(pi/2 j / (M (C_2 + 1))) is evaluated in float32 and the recursion in `dtype`, as in the
+    official network (float32) and sampler (float64), so that both tables match theirs bit for bit.
+    """
+    if M < 1 or not C_1 > 0:
+        raise ValueError(f"the iDDPM table needs M >= 1 and C_1 > 0, got M={M}, C_1={C_1}")
+    def alpha_bar(j: int) -> torch.Tensor:  # a 0-d integer tensor times a float: float32, as officially
+        return (0.5 * np.pi * torch.tensor(j, device=device) / M / (C_2 + 1)).sin() ** 2
+
+    u = torch.zeros(M + 1, dtype=dtype, device=device)
+    for j in range(M, 0, -1):
+        u[j - 1] = ((u[j] ** 2 + 1) / (alpha_bar(j - 1) / alpha_bar(j)).clip(min=C_1) - 1).sqrt()
+    return u
+
+
+class _Preconditioning(torch.nn.Module):
+    """What the four preconditionings share: the model, the input checks, precision, and the forward pass."""
+
+    out_channels_factor = 1  # iDDPM: 2 (learned variance; D uses the first half)
+
+    def __init__(self, img_resolution: int, img_channels: int, label_dim: int, use_fp16: bool, model_type: str,
+                 model_kwargs: Mapping | None, own_kwargs: dict) -> None:
+        super().__init__()
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+        model_kwargs = dict(model_kwargs or {})
+        _check_model_kwargs(model_type, model_kwargs)
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.label_dim = label_dim
+        self.use_fp16 = use_fp16
+        self.precision: str | None = None
+        self.model = MODEL_TYPES[model_type](img_resolution=img_resolution, in_channels=img_channels,
+                                             out_channels=img_channels * self.out_channels_factor,
+                                             label_dim=label_dim, **model_kwargs)
+        # The official flat constructor arguments (what snapshots record and `build_network` takes).
+        self.init_kwargs = _jsonable(dict(img_resolution=img_resolution, img_channels=img_channels,
+                                          label_dim=label_dim, use_fp16=use_fp16, **own_kwargs,
+                                          model_type=model_type, **model_kwargs))
+
+    @property
+    def augment_dim(self) -> int:
+        """Width of the augment-label vector the model is conditioned on (0: none)."""
+        return self.model.augment_dim
+
+    def set_precision(self, precision: str | None) -> _Preconditioning:
+        """Run the model in 'fp32', 'bf16' or 'fp16' (activations of that dtype; the embedding and attention
+        logits stay float32). None restores the official rule: float16 on CUDA when built with `use_fp16`."""
+        if precision is not None and precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        self.precision = precision
+        return self
+
+    def round_sigma(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        """The noise level the network supports closest to `sigma` (itself, but for iDDPM)."""
+        return torch.as_tensor(sigma)
+
+    def coefficients(self, sigma: torch.Tensor) -> tuple:
+        """(c_skip, c_out, c_in, c_noise) at noise levels sigma [N,1,1,1] (EDM Table 1)."""
+        raise NotImplementedError
+
+    def _model_dtype(self, device: torch.device, force_fp32: bool) -> torch.dtype:
+        if force_fp32:
+            return torch.float32
+        if self.precision is None:
+            return torch.float16 if self.use_fp16 and device.type == "cuda" else torch.float32
+        return LOW_PRECISION_DTYPES.get(self.precision, torch.float32)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, class_labels: torch.Tensor | None = None,
+                force_fp32: bool = False, augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Denoise `x` [N, C, H, W] at noise level `sigma` (scalar, [N] or [N,1,1,1]); `class_labels` one-hot
+        [N, label_dim] (None: the all-zero label); `augment_labels` [N, augment_dim] (None: no augmentation
+        conditioning, as at sampling time)."""
+        sigma = torch.as_tensor(sigma, device=x.device)
+        self._check_inputs(x, sigma, class_labels, augment_labels)
+        x = x.to(torch.float32)
+        sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1)
+        if self.label_dim == 0:
+            class_labels = None
+        elif class_labels is None:
+            class_labels = torch.zeros([1, self.label_dim], device=x.device)
+        else:
+            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
+        if augment_labels is not None:
+            augment_labels = augment_labels.to(torch.float32)
+        dtype = self._model_dtype(x.device, force_fp32)
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
+        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels,
+                         augment_labels=augment_labels)
+        return c_skip * x + c_out * F_x[:, :self.img_channels].to(torch.float32)
+
+    def _check_inputs(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None,
+                      augment_labels: torch.Tensor | None) -> None:
+        shape = (self.img_channels, self.img_resolution, self.img_resolution)
+        if x.ndim != 4 or tuple(x.shape[1:]) != shape:
+            raise ValueError(f"x has shape {list(x.shape)}; this network expects [N, {', '.join(map(str, shape))}]")
+        if sigma.numel() not in (1, x.shape[0]):
+            raise ValueError(f"sigma has {sigma.numel()} elements; pass one per image ({x.shape[0]}) or a scalar")
+        if sigma.device.type != "meta" and not bool((sigma > 0).all()):
+            raise ValueError("sigma must be positive")
+        if class_labels is not None and self.label_dim and (
+                class_labels.ndim != 2 or class_labels.shape[1] != self.label_dim
+                or class_labels.shape[0] not in (1, x.shape[0])):
+            raise ValueError(f"class_labels has shape {list(class_labels.shape)}; expected one-hot "
+                             f"[{x.shape[0]}, {self.label_dim}]")
+        if augment_labels is None:
+            return
+        if self.augment_dim == 0:
+            raise ValueError("augment_labels given to a network built without augmentation conditioning "
+                             "(augment_dim=0); build it with augment_dim=9 or train without the augment pipe")
+        if tuple(augment_labels.shape) != (x.shape[0], self.augment_dim):
+            raise ValueError(f"augment_labels has shape {list(augment_labels.shape)}; this network expects "
+                             f"[{x.shape[0]}, {self.augment_dim}] (one augment-label vector per image)")
+
+
+class VPPrecond(_Preconditioning):
+    """Variance preserving (VP) preconditioning: c_skip = 1, c_out = -sigma, c_in = 1/sqrt(sigma^2+1),
+    c_noise = (M-1) sigma^-1_VP(sigma)."""
+
+    def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
+                 beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000, epsilon_t: float = 1e-5,
+                 model_type: str = "SongUNet", model_kwargs: Mapping | None = None) -> None:
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs,
+                         dict(beta_d=beta_d, beta_min=beta_min, M=M, epsilon_t=epsilon_t))
+        self.beta_d = beta_d
+        self.beta_min = beta_min
+        self.M = M
+        self.epsilon_t = epsilon_t
+        cpu = dict(device="cpu")  # plain numbers also when the network is built on the meta device
+        self.sigma_min = float(self.sigma(torch.tensor(float(epsilon_t), **cpu)))
+        self.sigma_max = float(self.sigma(torch.tensor(1.0, **cpu)))
+
+    def sigma(self, t: torch.Tensor | float) -> torch.Tensor:
+        return vp_sigma(t, self.beta_d, self.beta_min)
+
+    def sigma_inv(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        return vp_sigma_inv(sigma, self.beta_d, self.beta_min)
+
+    def coefficients(self, sigma: torch.Tensor) -> tuple:
+        return 1, -sigma, 1 / (sigma**2 + 1).sqrt(), (self.M - 1) * self.sigma_inv(sigma)
+
+
+class VEPrecond(_Preconditioning):
+    """Variance exploding (VE) preconditioning: c_skip = 1, c_out = sigma, c_in = 1, c_noise = ln(sigma/2)."""
+
+    def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
+                 sigma_min: float = 0.02, sigma_max: float = 100, model_type: str = "SongUNet",
+                 model_kwargs: Mapping | None = None) -> None:
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs,
+                         dict(sigma_min=sigma_min, sigma_max=sigma_max))
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+
+    def coefficients(self, sigma: torch.Tensor) -> tuple:
+        return 1, sigma, 1, (0.5 * sigma).log()
+
+
+class iDDPMPrecond(_Preconditioning):  # noqa: N801  (the official name)
+    """Improved DDPM preconditioning: c_skip = 1, c_out = -sigma, c_in = 1/sqrt(sigma^2+1),
+    c_noise = M-1-j(sigma) with j the index of the nearest level of the table `u`. The model has twice the
+    image channels (learned variance); D uses the first half."""
+
+    out_channels_factor = 2
+
+    def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
+                 C_1: float = 0.001, C_2: float = 0.008, M: int = 1000, model_type: str = "DhariwalUNet",
+                 model_kwargs: Mapping | None = None) -> None:
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs,
+                         dict(C_1=C_1, C_2=C_2, M=M))
+        self.C_1 = C_1
+        self.C_2 = C_2
+        self.M = M
+        self.register_buffer("u", iddpm_u_table(M, C_1, C_2, torch.float32))
+        self.sigma_min = float(self.u[M - 1])
+        self.sigma_max = float(self.u[0])
+
+    def alpha_bar(self, j: torch.Tensor | int) -> torch.Tensor:
+        return (0.5 * np.pi * torch.as_tensor(j) / self.M / (self.C_2 + 1)).sin() ** 2
+
+    def round_sigma(self, sigma: torch.Tensor | float, return_index: bool = False) -> torch.Tensor:
+        """The nearest level of the table `u` (or its index), shaped and placed like `sigma`."""
+        sigma = torch.as_tensor(sigma)
+        # torch.cdist, as the official code: its rounding decides near-ties the same way.
+        index = torch.cdist(sigma.to(self.u.device).to(torch.float32).reshape(1, -1, 1),
+                            self.u.reshape(1, -1, 1)).argmin(2)
+        result = index if return_index else self.u[index.flatten()].to(sigma.dtype)
+        return result.reshape(sigma.shape).to(sigma.device)
+
+    def coefficients(self, sigma: torch.Tensor) -> tuple:
+        c_noise = self.M - 1 - self.round_sigma(sigma, return_index=True).to(torch.float32)
+        return 1, -sigma, 1 / (sigma**2 + 1).sqrt(), c_noise
+
+
+class EDMPrecond(_Preconditioning):
+    """The EDM preconditioning: c_skip = s_d^2/(sigma^2+s_d^2), c_out = sigma s_d/sqrt(sigma^2+s_d^2),
+    c_in = 1/sqrt(sigma^2+s_d^2), c_noise = ln(sigma)/4 with s_d = sigma_data."""
+
+    def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
+                 sigma_min: float = 0, sigma_max: float = float("inf"), sigma_data: float = 0.5,
+                 model_type: str = "DhariwalUNet", model_kwargs: Mapping | None = None) -> None:
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs,
+                         dict(sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=sigma_data))
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+        self.sigma_data = sigma_data
+
+    def coefficients(self, sigma: torch.Tensor) -> tuple:
+        sd = self.sigma_data
+        return (sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt(), 1 / (sd**2 + sigma**2).sqrt(),
+                sigma.log() / 4)
+
+
+# The one mapping from an official class name to a network ("Precond" is EDM2's).
+NETWORK_CLASSES: dict[str, type[torch.nn.Module]] = {
+    "VPPrecond": VPPrecond, "VEPrecond": VEPrecond, "iDDPMPrecond": iDDPMPrecond, "EDMPrecond": EDMPrecond,
+    "Precond": Precond,
+}
+
+
+def build_network(class_name: str, kwargs: Mapping) -> torch.nn.Module:
+    """The network of official class `class_name` built from its official flat constructor arguments (those
+    of an official pickle's `init_kwargs`, or of an edm2 snapshot), freshly initialized. For the four EDM
+    preconditionings, arguments that are not the class's own go to its `model_type`; ValueError names
+    unknown classes and arguments."""
+    if class_name not in NETWORK_CLASSES:
+        raise ValueError(f"unknown network class {class_name!r}; choose one of {', '.join(NETWORK_CLASSES)}")
+    cls = NETWORK_CLASSES[class_name]
+    kwargs = dict(kwargs)
+    params = inspect.signature(cls.__init__).parameters
+    if cls is Precond:
+        unknown = sorted(set(kwargs) - set(params) - {"self"})
+        if unknown:
+            raise ValueError(f"unknown argument(s) {unknown} for Precond")
+        return Precond(**kwargs)
+    own = {k: kwargs.pop(k) for k in list(kwargs) if k in params and k not in ("self", "model_kwargs")}
+    missing = [k for k in ("img_resolution", "img_channels") if k not in own]
+    if missing:
+        raise ValueError(f"{class_name} needs {' and '.join(missing)}")
+    return cls(**own, model_kwargs=kwargs)
+
+
+def network_class_name(net: torch.nn.Module) -> str:
+    """The official class name of an edm2 network (the key of `NETWORK_CLASSES`)."""
+    for name, cls in NETWORK_CLASSES.items():
+        if type(net) is cls:
+            return name
+    raise ValueError(f"{type(net).__name__} is not one of the networks edm2 can rebuild ({', '.join(NETWORK_CLASSES)})")
+
+
+def _check_model_kwargs(model_type: str, model_kwargs: Mapping) -> None:
+    params = inspect.signature(MODEL_TYPES[model_type].__init__).parameters
+    fixed = {"self", "img_resolution", "in_channels", "out_channels", "label_dim"}
+    unknown = sorted(set(model_kwargs) - (set(params) - fixed))
+    if unknown:
+        raise ValueError(f"unknown argument(s) {unknown} for {model_type}; it takes "
+                         f"{', '.join(sorted(set(params) - fixed))}")
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
