@@ -22,6 +22,7 @@ import os
 import socket
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,7 +242,15 @@ def load_snapshot(path: str | Path) -> Snapshot:
 
 
 def load_network(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Snapshot]:
-    """Rebuild the network stored in a snapshot file, in eval mode."""
+    """Rebuild the network stored in a snapshot file, in eval mode. An official network pickle (`.pkl`) is
+    converted on the fly, without running its code (`edm2.pickle_convert`), with a warning."""
+    if Path(path).suffix.lower() == ".pkl":
+        from edm2.pickle_convert import snapshot_from_pickle  # it builds Snapshots: imported here, not above
+
+        snap = snapshot_from_pickle(path)
+        warnings.warn(f"{path}: an official pickle, converted on the fly (no code is run); convert it once with "
+                      "'edm2 convert' to skip this", stacklevel=2)
+        return snap.build(device), snap
     snap = load_snapshot(path)
     try:
         return snap.build(device), snap
