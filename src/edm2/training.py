@@ -1,8 +1,9 @@
 """Training, top to bottom: the EDM2 optimizer recipe, the setup of a run, one training step, and the loop.
 
-One batch travels: dataset -> `BatchStream.micro_batches` (this process's share of the global batch) ->
-`train_step` (noise levels and noise for the whole global batch, EDM2 loss through the preconditioned network,
-backward, Adam with the learning-rate schedule) -> `PosthocEMA.update` (snapshots on disk) -> checkpoint.
+One batch travels: dataset -> `BatchStream.steps` (this process's share of the global batch, read ahead by
+DataLoader workers) -> `train_step` (noise levels and noise for the whole global batch, the encoder's map from raw
+items to the network's space, EDM2 loss through the preconditioned network, backward, Adam with the learning-rate
+schedule) -> `PosthocEMA.update` (snapshots on disk) -> checkpoint.
 
 Inside a torch.distributed process group (see `edm2.runtime.distributed`) the global batch is split over the
 processes: each computes `batch_gpu` images per accumulation round at its own positions of the one global data
@@ -15,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from edm2.checkpoint import (
     remove_stale_temps,
     save_training_state,
 )
-from edm2.data import BatchStream, ImageDataset, open_dataset
+from edm2.data import BatchStream, Encoder, StandardRGBEncoder, encoder_from_dict, open_dataset
 from edm2.layers import force_weight_normalization_
 from edm2.losses import EDM2Loss, sample_sigma
 from edm2.networks import Precond
@@ -102,11 +103,12 @@ class Trainer:
     loss_fn: EDM2Loss
     data: BatchStream
     ema: PosthocEMA | None  # power-function EMAs: rank 0 of a run with an out-dir writes the snapshots
+    encoder: Encoder = field(default_factory=StandardRGBEncoder)  # raw items -> the network's space
 
 
-def setup(run: RunConfig, dataset: ImageDataset, device: torch.device, outdir: str | Path | None = None) -> Trainer:
-    """Build the network (its weights fixed by the run's seed), optimizer, loss scaler, loss, data stream and,
-    with an `outdir` on rank 0, the EMA tracker."""
+def setup(run: RunConfig, dataset, device: torch.device, outdir: str | Path | None = None) -> Trainer:
+    """Build the network (its weights fixed by the run's seed), optimizer, loss scaler, loss, encoder, data stream
+    and, with an `outdir` on rank 0, the EMA tracker. `dataset`: what `edm2.data.open_dataset` returns."""
     rank, world = world_info()
     torch.manual_seed(run.seed)
     net = Precond(**run.network).train().requires_grad_(True).set_precision(run.precision)
@@ -120,25 +122,29 @@ def setup(run: RunConfig, dataset: ImageDataset, device: torch.device, outdir: s
     # fp16: dynamic loss scaling, starting where the official code trains (scale 1); the scale doubles after
     # 2000 steps without overflow and halves (skipping the step) on one.
     scaler = torch.amp.GradScaler(device.type, init_scale=1.0, enabled=run.precision == "fp16")
+    encoder = encoder_from_dict(run.encoder)
     ema = None
     if outdir is not None and rank == 0:
         ema = PosthocEMA(net, outdir, run.ema_stds, snapshot_every=run.snapshot,
                          network=NetworkConfig.from_dict(run.network), rank=rank,
                          info={"preset": run.preset, "dataset": run.dataset, "data": run.data},
-                         encoder={"class": "StandardRGBEncoder", "kwargs": {}})
+                         encoder=encoder.to_dict())
+    data = BatchStream(dataset, run.seed, run.batch, run.batch_gpu, net.label_dim, rank, world,
+                       xflip=run.dataset.get("xflip", False), max_size=run.dataset.get("max_size"),
+                       workers=run.workers, pin_memory=device.type == "cuda")
     return Trainer(
         run=run, device=device, net=net, ddp=ddp, model=torch.compile(model) if run.compile else model,
         optimizer=make_adam(net.parameters(), fused=True),  # one kernel for all tensors, CPU and CUDA
         scaler=scaler, loss_fn=EDM2Loss(P_mean=run.P_mean, P_std=run.P_std, sigma_data=net.sigma_data),
-        data=BatchStream(dataset, run.seed, run.batch, run.batch_gpu, net.label_dim, rank, world), ema=ema,
+        data=data, ema=ema, encoder=encoder,
     )
 
 
 def train_step(t: Trainer, cur_nimg: int,
                micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, float]:
     """One optimizer step over the global batch that starts at image `cur_nimg`, from this process's
-    `micro_batches` (images in the network's space and one-hot labels, one pair per accumulation round, at
-    `t.data.offsets` in the global batch). Returns (this process's share of the batch's mean loss, on the
+    `micro_batches` (raw items, uint8 pixels or raw latents, and one-hot labels, one pair per accumulation round,
+    at `t.data.offsets` in the global batch). Returns (this process's share of the batch's mean loss, on the
     device; the learning rate used)."""
     run = t.run
     lr = learning_rate_schedule(cur_nimg, run.batch, run.lr, run.decay, run.rampup_Mimg)
@@ -149,8 +155,10 @@ def train_step(t: Trainer, cur_nimg: int,
     # image sees the same noise whatever the number of processes or accumulation rounds.
     gen = torch.Generator(t.device).manual_seed(step_seed(run.seed, cur_nimg))
     sigma = sample_sigma(run.batch, run.P_mean, run.P_std, t.device, gen)
-    noise = torch.randn([run.batch, t.net.img_channels, t.net.img_resolution, t.net.img_resolution],
-                        device=t.device, generator=gen)
+    shape = [run.batch, t.net.img_channels, t.net.img_resolution, t.net.img_resolution]
+    noise = torch.randn(shape, device=t.device, generator=gen)
+    # The VAE encoder samples each latent from its stored mean and std: from the same generator, after the noise.
+    latent_noise = torch.randn(shape, device=t.device, generator=gen) if t.encoder.stochastic else None
     loss_sum = torch.zeros([], device=t.device)
     for r, (images, labels) in enumerate(micro_batches):
         start = t.data.offsets[r]
@@ -159,8 +167,9 @@ def train_step(t: Trainer, cur_nimg: int,
         if run.compile:
             force_weight_normalization_(t.net)  # compiled code does not write the weights itself
         last = r == len(micro_batches) - 1
+        images = t.encoder.encode_latents(images.to(t.device), None if latent_noise is None else latent_noise[part])
         with t.ddp.no_sync() if t.ddp is not None and not last else contextlib.nullcontext():
-            loss = t.loss_fn(t.model, images.to(t.device), None if labels is None else labels.to(t.device),
+            loss = t.loss_fn(t.model, images, None if labels is None else labels.to(t.device),
                              sigma=sigma[part], noise=noise[part])
             t.scaler.scale(loss.sum().mul(1 / (run.batch // run.processes))).backward()
         loss_sum += loss.detach().sum()
@@ -212,8 +221,8 @@ def train(opts: TrainOptions, progress: bool = True, max_steps: int | None = Non
     validated before the folder is touched, and one process at a time may train it. Re-running the same
     options continues from the newest checkpoint; SIGINT/SIGTERM checkpoint and stop cleanly. `max_steps`
     stops after that many optimizer steps in this call (for tests and benchmarks)."""
-    dataset = open_dataset(opts.data)
     rank, world = world_info()
+    dataset = open_dataset(opts.data, progress=progress and rank == 0)
     run = resolve_run(opts, dataset, world)
     device = resolve_device(opts.device)
     outdir = Path(opts.outdir)
@@ -226,9 +235,9 @@ def train(opts: TrainOptions, progress: bool = True, max_steps: int | None = Non
                 f"{run.data}, batch {run.batch} ({world} process(es) x {run.batch_gpu} x {len(t.data.offsets)} "
                 f"accumulation), device {device}, precision {run.precision}{', compiled' if run.compile else ''}")
         steps, status = 0, "finished"
-        with StopRequest() as stop, fast_paths_for(run.precision, run.compile):
+        with StopRequest() as stop, fast_paths_for(run.precision, run.compile), t.data.steps(cur_nimg) as batches:
             while cur_nimg < run.duration:
-                loss, lr = train_step(t, cur_nimg, t.data.micro_batches(cur_nimg))
+                loss, lr = train_step(t, cur_nimg, next(batches))
                 cur_nimg += run.batch
                 steps += 1
                 done = cur_nimg >= run.duration
