@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-__all__ = ["InfiniteSampler", "TrainingSet", "BatchStream", "MicroBatch", "read_in_order"]
+__all__ = ["InfiniteSampler", "TrainingSet", "BatchStream", "MicroBatch", "LoadError", "read_in_order"]
 
 MicroBatch = tuple[torch.Tensor, "torch.Tensor | None"]  # raw items [N, C, H, W], one-hot labels [N, label_dim]
 
@@ -46,7 +46,7 @@ class InfiniteSampler:
         return out
 
 
-class _LoadError:
+class LoadError:
     """A ValueError raised while reading, carried out of a worker process as a value (a raised one would come
     back as a multi-line message with the worker's traceback)."""
 
@@ -93,13 +93,13 @@ class TrainingSet(torch.utils.data.Dataset):
             labels = labels.to(torch.float32)
         return torch.from_numpy(np.ascontiguousarray(items)), labels
 
-    def __getitems__(self, indices: list[int]) -> MicroBatch | _LoadError:
+    def __getitems__(self, indices: list[int]) -> MicroBatch | LoadError:
         try:
             return self.batch(indices)
         except ValueError as e:
-            return _LoadError(str(e))
+            return LoadError(str(e))
 
-    def __getitem__(self, index: int) -> MicroBatch | _LoadError:
+    def __getitem__(self, index: int) -> MicroBatch | LoadError:
         return self.__getitems__([index])
 
 
@@ -164,7 +164,7 @@ class BatchStream:
             step = []
             for _ in self.offsets:
                 item = next(it)
-                if isinstance(item, _LoadError):
+                if isinstance(item, LoadError):
                     raise ValueError(item.message)
                 step.append(item)
             yield step
@@ -179,6 +179,6 @@ def read_in_order(dataset, batch_size: int, workers: int = 0,
     loader = torch.utils.data.DataLoader(TrainingSet(dataset, label_dim=0), batch_sampler=chunks,
                                          num_workers=workers, collate_fn=_as_is)
     for chunk, item in zip(chunks, loader):
-        if isinstance(item, _LoadError):
+        if isinstance(item, LoadError):
             raise ValueError(item.message)
         yield chunk, item[0]
