@@ -65,6 +65,15 @@ def test_zip_items_equal_the_images(digits_zip):
     assert ds.encoder == {"class": "StandardRGBEncoder", "kwargs": {}}
 
 
+def test_deflated_zip_reads_the_same(digits_zip, tmp_path):
+    deflated = tmp_path / "deflated.zip"
+    with zipfile.ZipFile(digits_zip) as src, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as dst:
+        for name in src.namelist()[:50]:
+            dst.writestr(name, src.read(name))
+    a, b = open_dataset(deflated), open_dataset(digits_zip)
+    assert np.array_equal(a.read_raw(np.arange(50)), b.read_raw(np.arange(50)))
+
+
 def test_npy_latents_folder(tmp_path):
     rng = np.random.default_rng(0)
     latents = rng.standard_normal([3, 8, 4, 4]).astype(np.float32)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["IMAGE_EXTENSIONS", "LATENT_EXTENSION", "Archive", "decode_image", "decode_npy", "entry_shape",
+__all__ = ["IMAGE_EXTENSIONS", "LATENT_EXTENSION", "Archive", "Entries", "decode_image", "decode_npy", "entry_shape",
            "parse_labels", "is_image", "is_latent", "check_item_shape"]
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -101,6 +103,65 @@ class Archive:
         if self._zip is not None:
             self._zip.close()
             self._zip = None
+
+
+class Entries:
+    """Selected entries of an archive as a compact table that a training process and its DataLoader workers keep
+    for the whole run: names in one bytes array and, for a zip, the entries' offsets, sizes, compression and CRC in
+    numpy arrays (no Python object per entry: `zipfile`'s directory costs about 0.6 KB per entry and process, and
+    Python objects read by a forked worker are copied into it). Each process opens the file itself."""
+
+    def __init__(self, archive: Archive, names: list[str]) -> None:
+        self.path, self.is_zip = archive.path, archive.is_zip
+        self._names = np.array([n.encode() for n in names], dtype=np.bytes_)
+        if self.is_zip:
+            infos = [archive._zipfile().getinfo(n) for n in names]
+            self._table = {key: np.array([getattr(i, key) for i in infos], dtype=np.int64) for key in
+                           ("header_offset", "compress_size", "file_size", "compress_type", "CRC", "flag_bits")}
+        self._file, self._pid = None, -1
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def name(self, index: int) -> str:
+        return self._names[index].decode()
+
+    def names(self) -> list[str]:
+        return [n.decode() for n in self._names]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_file": None, "_pid": -1}
+
+    def read(self, index: int) -> bytes:
+        """The bytes of entry `index`; a damaged entry (bad CRC, truncated) is a ValueError naming it."""
+        where = f"{self.path}/{self.name(index)}"
+        try:
+            if not self.is_zip:
+                return (self.path / self.name(index)).read_bytes()
+            return self._read_zip(index, where)
+        except (OSError, zlib.error, struct.error) as e:
+            raise ValueError(f"{where}: cannot read ({e}); the entry is damaged") from None
+
+    def _read_zip(self, index: int, where: str) -> bytes:
+        if self._file is None or self._pid != os.getpid():  # a forked worker must not share the parent's offset
+            self._file, self._pid = open(self.path, "rb"), os.getpid()
+        t = {key: int(v[index]) for key, v in self._table.items()}
+        if t["flag_bits"] & 0x1 or t["compress_type"] not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise ValueError(f"{where}: encrypted or compressed with method {t['compress_type']}; store the zip "
+                             "uncompressed (`edm2 dataset convert` writes such zips)")
+        f = self._file
+        f.seek(t["header_offset"])
+        header = f.read(30)
+        if header[:4] != b"PK\x03\x04":
+            raise OSError("no local file header at its offset")
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        f.seek(t["header_offset"] + 30 + name_len + extra_len)
+        data = f.read(t["compress_size"])
+        if t["compress_type"] == zipfile.ZIP_DEFLATED:
+            data = zlib.decompress(data, -15)
+        if len(data) != t["file_size"] or zlib.crc32(data) != t["CRC"]:
+            raise OSError("bad CRC-32 or size")
+        return data
 
 
 def decode_image(data: bytes, name: str) -> np.ndarray:

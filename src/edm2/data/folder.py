@@ -2,8 +2,9 @@
 
 Opening lists the entries, reads `dataset.json` (labels, and the encoder when `edm2 dataset encode` wrote it) and
 checks every entry's header, so that mixed sizes or channels and unreadable files are reported before training
-starts. Memory holds the entry names and labels only, however large the dataset; worker processes of a
-`torch.utils.data.DataLoader` each open the zip themselves.
+starts. Afterwards the dataset keeps a compact table of its entries (`archive.Entries`: names, offsets and labels in
+numpy arrays), so that its memory stays small however large the dataset; worker processes of a
+`torch.utils.data.DataLoader` each open the file themselves.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 
 from edm2.data.archive import (
     Archive,
+    Entries,
     check_item_shape,
     decode_image,
     decode_npy,
@@ -37,7 +39,7 @@ class ImageFolderDataset:
 
     def __init__(self, path: str | Path, resolution: int | None = None, use_labels: bool = True,
                  progress: bool = False) -> None:
-        self.archive = Archive(path)
+        self.archive = Archive(path)  # while opening; afterwards the items are read through `self.entries`
         self.name = str(path)
         if not self.archive.is_zip and (self.archive.path / INCOMPLETE_MARKER).exists():
             raise ValueError(f"{path}: an unfinished `edm2 dataset` conversion; run the same command again to "
@@ -49,15 +51,18 @@ class ImageFolderDataset:
         if not images and not latents:
             raise ValueError(f"{path}: no PNG or JPEG images (or .npy latents) found")
         self.latents = bool(latents)
-        self.entries = latents or images
-        self.shape = self._check_shapes(progress)
+        names = latents or images
+        self.shape = self._check_shapes(names, progress)
         check_item_shape(self.shape, self.latents, self.name)
         if resolution is not None and self.shape[1] != resolution:
             raise ValueError(f"{path}: items are {self.shape[1]}x{self.shape[2]}, expected {resolution}x{resolution}")
         meta = self._read_meta()
-        self.labels = parse_labels(meta, self.entries, self.name) if meta is not None and use_labels else None
+        self.labels = parse_labels(meta, names, self.name) if meta is not None and use_labels else None
         self.num_classes = 0 if self.labels is None else int(self.labels.max()) + 1
         self.encoder = self._encoder(meta)
+        self.entries = Entries(self.archive, names)
+        self.archive.close()
+        self.archive = None
 
     def _read_meta(self) -> bytes | None:
         return self.archive.read(DATASET_JSON) if DATASET_JSON in self.archive.names else None
@@ -80,13 +85,13 @@ class ImageFolderDataset:
                              f"{'latents' if self.latents else 'images'} it holds")
         return encoder.to_dict()
 
-    def _check_shapes(self, progress: bool) -> tuple[int, int, int]:
+    def _check_shapes(self, names: list[str], progress: bool) -> tuple[int, int, int]:
         """The common [C, H, W] of all entries, from their headers; ValueError naming two that differ."""
         from tqdm import tqdm
 
         first = None
-        quiet = not progress or len(self.entries) < 10000
-        bar = tqdm(self.entries, desc="checking dataset", unit="file", disable=quiet, leave=False)
+        quiet = not progress or len(names) < 10000
+        bar = tqdm(names, desc="checking dataset", unit="file", disable=quiet, leave=False)
         for name in bar:
             shape = entry_shape(self.archive, name)
             if first is None:
@@ -121,9 +126,8 @@ class ImageFolderDataset:
 
     def read(self, index: int) -> np.ndarray:
         """Item `index`: uint8 pixels or float32 raw latents [C, H, W]."""
-        name = self.entries[index]
-        data = self.archive.read(name)
-        where = self.archive.where(name)
+        data = self.entries.read(index)
+        where = f"{self.name}/{self.entries.name(index)}"
         item = decode_npy(data, where) if self.latents else decode_image(data, where).transpose(2, 0, 1)
         if item.shape != self.shape:
             raise ValueError(f"{where}: is {list(item.shape)}, the dataset {list(self.shape)} (changed since it was "
