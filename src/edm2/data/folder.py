@@ -39,33 +39,38 @@ class ImageFolderDataset:
 
     def __init__(self, path: str | Path, resolution: int | None = None, use_labels: bool = True,
                  progress: bool = False) -> None:
-        self.archive = Archive(path)  # while opening; afterwards the items are read through `self.entries`
         self.name = str(path)
-        if not self.archive.is_zip and (self.archive.path / INCOMPLETE_MARKER).exists():
-            raise ValueError(f"{path}: an unfinished `edm2 dataset` conversion; run the same command again to "
-                             "finish it")
-        images = [n for n in self.archive.names if is_image(n)]
-        latents = [n for n in self.archive.names if is_latent(n)]
+        archive = Archive(path)
+        try:
+            names = self._open(archive, resolution, use_labels, progress)
+            self.entries = Entries(archive, names)  # all that reading items needs, for the rest of the run
+        finally:
+            archive.close()
+
+    def _open(self, archive: Archive, resolution: int | None, use_labels: bool, progress: bool) -> list[str]:
+        """Check the files and read the labels and the encoder; returns the names of the items."""
+        if not archive.is_zip and (archive.path / INCOMPLETE_MARKER).exists():
+            raise ValueError(f"{self.name}: an unfinished `edm2 dataset` conversion; run the same command again "
+                             "to finish it")
+        images = [n for n in archive.names if is_image(n)]
+        latents = [n for n in archive.names if is_latent(n)]
         if images and latents:
-            raise ValueError(f"{path}: holds both images ({images[0]}) and .npy latents ({latents[0]}); keep one kind")
+            raise ValueError(f"{self.name}: holds both images ({images[0]}) and .npy latents ({latents[0]}); keep "
+                             "one kind")
         if not images and not latents:
-            raise ValueError(f"{path}: no PNG or JPEG images (or .npy latents) found")
+            raise ValueError(f"{self.name}: no PNG or JPEG images (or .npy latents) found")
         self.latents = bool(latents)
         names = latents or images
-        self.shape = self._check_shapes(names, progress)
+        self.shape = self._check_shapes(archive, names, progress)
         check_item_shape(self.shape, self.latents, self.name)
         if resolution is not None and self.shape[1] != resolution:
-            raise ValueError(f"{path}: items are {self.shape[1]}x{self.shape[2]}, expected {resolution}x{resolution}")
-        meta = self._read_meta()
+            raise ValueError(f"{self.name}: items are {self.shape[1]}x{self.shape[2]}, expected "
+                             f"{resolution}x{resolution}")
+        meta = archive.read(DATASET_JSON) if DATASET_JSON in archive.names else None
         self.labels = parse_labels(meta, names, self.name) if meta is not None and use_labels else None
         self.num_classes = 0 if self.labels is None else int(self.labels.max()) + 1
         self.encoder = self._encoder(meta)
-        self.entries = Entries(self.archive, names)
-        self.archive.close()
-        self.archive = None
-
-    def _read_meta(self) -> bytes | None:
-        return self.archive.read(DATASET_JSON) if DATASET_JSON in self.archive.names else None
+        return names
 
     def _encoder(self, meta: bytes | None) -> dict:
         spec = None
@@ -85,7 +90,7 @@ class ImageFolderDataset:
                              f"{'latents' if self.latents else 'images'} it holds")
         return encoder.to_dict()
 
-    def _check_shapes(self, names: list[str], progress: bool) -> tuple[int, int, int]:
+    def _check_shapes(self, archive: Archive, names: list[str], progress: bool) -> tuple[int, int, int]:
         """The common [C, H, W] of all entries, from their headers; ValueError naming two that differ."""
         from tqdm import tqdm
 
@@ -93,7 +98,7 @@ class ImageFolderDataset:
         quiet = not progress or len(names) < 10000
         bar = tqdm(names, desc="checking dataset", unit="file", disable=quiet, leave=False)
         for name in bar:
-            shape = entry_shape(self.archive, name)
+            shape = entry_shape(archive, name)
             if first is None:
                 first = (shape, name)
             elif shape != first[0]:
