@@ -148,6 +148,20 @@ def test_streamed_training_with_workers_equals_in_memory_and_resumes_exactly(dig
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_xflip_and_max_size_reach_the_trainer_and_the_run_identity(digits_zip):
+    from edm2.options import resolve_run
+    from edm2.training import setup
+
+    ds = open_dataset(digits_zip)
+    opts = TrainOptions(outdir="unused", data=str(digits_zip), xflip=True, max_size=100, workers=0, **BASE)
+    run = resolve_run(opts, ds, world=1)
+    assert run.dataset["xflip"] is True and run.dataset["max_size"] == 100 and "xflip" in run.identity()["dataset"]
+    t = setup(run, ds, torch.device("cpu"))
+    assert len(t.data.data) == 200 and t.data.data.flip.sum() == 100
+    plain = resolve_run(TrainOptions(outdir="unused", data=str(digits_zip), **BASE), ds, world=1)
+    assert "xflip" not in plain.dataset and plain.workers == 2  # data on disk: two workers by default
+
+
 # ----------------------------------------------------------------------------------------------------
 # Bad datasets: a one-line ValueError naming the entry.
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["IMAGE_EXTENSIONS", "LATENT_EXTENSION", "Archive", "Entries", "decode_image", "decode_npy", "entry_shape",
-           "parse_labels", "is_image", "is_latent", "check_item_shape"]
+           "parse_labels", "is_image", "is_latent", "check_item_shape", "read_npz"]
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 LATENT_EXTENSION = ".npy"
@@ -213,6 +213,27 @@ def entry_shape(archive: Archive, name: str) -> tuple[int, int, int]:
         except Exception as e:
             raise ValueError(f"{where}: not a readable image ({e.__class__.__name__}: {e})") from None
     return channels, h, w
+
+
+def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """`x` (uint8 [N, H, W, C]; [N, H, W] gains C = 1) and `y` (int64 labels or None) of an NPZ file, read without
+    unpickling anything."""
+    try:
+        d = np.load(path)  # allow_pickle=False: object arrays and pickles are refused
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a readable NPZ file ({e})") from None
+    if not isinstance(d, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: not an NPZ archive (a single .npy array?); write it with numpy.savez(path, x=, y=)")
+    with d:
+        if "x" not in d.files:
+            raise ValueError(f"{path}: NPZ must hold 'x' (uint8 [N, H, W, C]) and optionally 'y' (int labels)")
+        try:
+            x, y = d["x"], d["y"] if "y" in d.files else None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path}: not a readable NPZ file ({e})") from None
+    if x.dtype != np.uint8 or x.ndim not in (3, 4):
+        raise ValueError(f"{path}: 'x' must be uint8 [N, H, W, C] or [N, H, W], got {x.dtype} {list(x.shape)}")
+    return x[..., None] if x.ndim == 3 else x, None if y is None else y.astype(np.int64)
 
 
 def check_item_shape(shape: tuple[int, ...], latents: bool, where: str) -> None:

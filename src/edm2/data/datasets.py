@@ -9,14 +9,13 @@ how raw items map to the network's space (`edm2.data.encoders`). Labels follow t
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from edm2.data.archive import check_item_shape
+from edm2.data.archive import check_item_shape, read_npz
 from edm2.data.encoders import default_encoder
 from edm2.data.folder import ImageFolderDataset
 
@@ -108,23 +107,8 @@ def load_digits_dataset() -> ImageDataset:
 
 
 def _load_npz(path: Path) -> ImageDataset:
-    try:
-        d = np.load(path)  # allow_pickle=False: object arrays and pickles are refused
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path}: not a readable NPZ file ({e})") from None
-    if not isinstance(d, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path}: not an NPZ archive (a single .npy array?); write it with numpy.savez(path, x=, y=)")
-    with d:
-        if "x" not in d.files:
-            raise ValueError(f"{path}: NPZ must hold 'x' (uint8 [N, H, W, C]) and optionally 'y' (int labels)")
-        try:
-            x, y = d["x"], d["y"] if "y" in d.files else None
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise ValueError(f"{path}: not a readable NPZ file ({e})") from None
-    if x.dtype != np.uint8 or x.ndim not in (3, 4):
-        raise ValueError(f"{path}: 'x' must be uint8 [N, H, W, C] or [N, H, W], got {x.dtype} {list(x.shape)}")
-    x = x[..., None] if x.ndim == 3 else x
-    return ImageDataset(x.transpose(0, 3, 1, 2).copy(), None if y is None else y.astype(np.int64), name=str(path))
+    x, y = read_npz(path)
+    return ImageDataset(x.transpose(0, 3, 1, 2).copy(), y, name=str(path))
 
 
 def open_dataset(path: str | Path, progress: bool = False) -> ImageDataset | ImageFolderDataset:

@@ -6,13 +6,12 @@ in worker processes (decode, crop/resize, encode as PNG).
 from __future__ import annotations
 
 import io
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from edm2.data.archive import Archive, decode_image, is_image, parse_labels
+from edm2.data.archive import Archive, decode_image, is_image, parse_labels, read_npz
 from edm2.data.folder import DATASET_JSON
 from edm2.data.loader import LoadError
 
@@ -43,18 +42,12 @@ class ImageSource:
         self.labels = None if labels is None else [int(v) for v in labels[:len(self.names)]]
 
     def _open_npz(self, path: Path) -> tuple[list[str], np.ndarray | None]:
-        try:
-            with np.load(path) as d:
-                x, y = d["x"], d["y"] if "y" in d.files else None
-        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, AttributeError) as e:
-            raise ValueError(f"--source {path}: not an NPZ with 'x' (uint8 [N, H, W, C]) and optional 'y' "
-                             f"({e.__class__.__name__}: {e})") from None
-        if x.dtype != np.uint8 or x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[3] not in (1, 3, 4)):
-            raise ValueError(f"--source {path}: 'x' must be uint8 [N, H, W, C] or [N, H, W], got {x.dtype} "
-                             f"{list(x.shape)}")
-        if y is not None and (y.shape != (len(x),) or y.dtype.kind not in "iu" or (len(y) and y.min() < 0)):
+        x, y = read_npz(path)
+        if x.shape[3] not in (1, 3, 4):
+            raise ValueError(f"--source {path}: 'x' has {x.shape[3]} channels; expected 1, 3 or 4")
+        if y is not None and (y.shape != (len(x),) or (len(y) and y.min() < 0)):
             raise ValueError(f"--source {path}: 'y' must hold one non-negative integer label per image")
-        self.array = x[..., None] if x.ndim == 3 else x
+        self.array = x
         return [f"x[{i}]" for i in range(len(x))], y
 
     def _folder_labels(self) -> list[int] | None:
