@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import time
 import zipfile
 from pathlib import Path
 
@@ -160,6 +163,20 @@ def test_xflip_and_max_size_reach_the_trainer_and_the_run_identity(digits_zip):
     assert len(t.data.data) == 200 and t.data.data.flip.sum() == 100
     plain = resolve_run(TrainOptions(outdir="unused", data=str(digits_zip), **BASE), ds, world=1)
     assert "xflip" not in plain.dataset and plain.workers == 2  # data on disk: two workers by default
+
+
+def test_workers_survive_the_signals_the_trainer_handles(digits_zip):
+    """Ctrl-C and batch schedulers signal the whole process group. The trainer turns SIGINT/SIGTERM into a clean
+    stop after the current step; its workers must keep serving the batches that step still needs."""
+    stream = BatchStream(open_dataset(digits_zip), seed=0, batch=8, batch_gpu=8, label_dim=10, workers=1)
+    with stream.steps(0) as steps:
+        next(steps)
+        (worker,) = [int(p) for p in Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()]
+        os.kill(worker, signal.SIGINT)
+        os.kill(worker, signal.SIGTERM)
+        time.sleep(0.5)
+        for k in range(1, 9):  # well beyond what was read ahead before the signals
+            assert torch.equal(next(steps)[0][0], stream.micro_batches(8 * k)[0][0])
 
 
 # ----------------------------------------------------------------------------------------------------

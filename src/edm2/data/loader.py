@@ -12,6 +12,7 @@ are the same with or without them.
 from __future__ import annotations
 
 import contextlib
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -107,6 +108,13 @@ def _as_is(batch):
     return batch
 
 
+def _leave_signals_to_the_trainer(worker_id: int) -> None:
+    """Ctrl-C and schedulers signal the whole process group; the trainer turns SIGINT/SIGTERM into a clean stop
+    (checkpoint, then exit) and shuts its workers down itself, so the workers must not die of them first."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class _MicroBatchIndices:
     """The DataLoader's batch sampler: this process's micro-batches of every global batch from `start` on."""
 
@@ -152,7 +160,8 @@ class BatchStream:
             return
         loader = torch.utils.data.DataLoader(self.data, batch_sampler=_MicroBatchIndices(self, start),
                                              num_workers=self.workers, collate_fn=_as_is, pin_memory=self.pin_memory,
-                                             prefetch_factor=self.prefetch)
+                                             prefetch_factor=self.prefetch,
+                                             worker_init_fn=_leave_signals_to_the_trainer)
         it = iter(loader)
         try:
             yield self._group(it)
