@@ -90,6 +90,17 @@ def check_same_space(net_encoder: dict | None, gnet_encoder: dict | None) -> Non
                          f"{space(net_encoder)}); guide with a model trained on the same kind of data")
 
 
+def _check_request(net: torch.nn.Module, seeds: Sequence[int], batch_size: int, settings: SamplerSettings,
+                   gnet: torch.nn.Module | None, class_idx) -> None:
+    if not seeds:
+        raise ValueError("no seeds given")
+    if batch_size <= 0:
+        raise ValueError(f"--batch must be positive, got {batch_size}")
+    if settings.guidance != 1 and gnet is None:
+        raise ValueError(f"--guidance {settings.guidance} needs a guide model: pass --gnet SNAPSHOT")
+    _check_classes(net, seeds, class_idx)
+
+
 def _check_classes(net: torch.nn.Module, seeds: Sequence[int], class_idx) -> None:
     label_dim = getattr(net, "label_dim", 0)
     if class_idx is not None and label_dim and not all(0 <= int(c) < label_dim for c in np.atleast_1d(class_idx)):
@@ -125,13 +136,7 @@ def generate_images(
     the runtime (`edm2.runtime`); anything but plain float32 eager also switches on the fast attention and
     norm paths, which change results by rounding only.
     """
-    if not seeds:
-        raise ValueError("no seeds given")
-    if batch_size <= 0:
-        raise ValueError(f"--batch must be positive, got {batch_size}")
-    if settings.guidance != 1 and gnet is None:
-        raise ValueError(f"--guidance {settings.guidance} needs a guide model: pass --gnet SNAPSHOT")
-    _check_classes(net, seeds, class_idx)
+    _check_request(net, seeds, batch_size, settings, gnet, class_idx)
     encoder = encoder or StandardRGBEncoder()
     per_seed = class_idx is not None and np.ndim(class_idx) > 0
     set_cuda_math(torch.device(device), allow_tf32)
@@ -162,7 +167,12 @@ def generate_images(
             progress(len(seeds), len(seeds))
     images = torch.cat([mine[k][0] for k in sorted(mine)])
     if grid is not None and rank == 0:
-        pixels = to_model_space(torch.cat([mine[k][1] for k in sorted(mine)]))  # exact: uint8 -> [-1, 1] -> uint8
-        Path(grid).parent.mkdir(parents=True, exist_ok=True)
-        save_png(grid, make_grid(pixels, scale=max(1, 64 // pixels.shape[-1]), gap=2))
+        _save_grid(grid, torch.cat([mine[k][1] for k in sorted(mine)]))
     return images
+
+
+def _save_grid(path: str | Path, pixels: torch.Tensor) -> None:
+    """All images in one PNG, small ones enlarged to about 64 pixels."""
+    images = to_model_space(pixels)  # exact: uint8 -> [-1, 1] -> uint8
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_png(path, make_grid(images, scale=max(1, 64 // images.shape[-1]), gap=2))
