@@ -75,8 +75,9 @@ def device_and_presets(description: str, default_presets: str = "cpu-digits8,edm
 
 def random_trainer(preset: str, batch: int, device: torch.device, precision: str | None = None,
                    compile: bool = False, images: int | None = None):
-    """`edm2.training.setup` for `preset` at `batch` on a dataset of random uint8 images with labels (the
-    preset's shape), without a run folder: what the benchmarks pass to `edm2.training.train_step`."""
+    """`edm2.training.setup` for `preset` at `batch` on a dataset of random items with labels (the preset's
+    shape: uint8 pixels, or for latent presets float32 raw latents, a posterior mean and std per latent channel),
+    without a run folder: what the benchmarks pass to `edm2.training.train_step`."""
     import numpy as np
 
     from edm2.data import ImageDataset
@@ -84,11 +85,16 @@ def random_trainer(preset: str, batch: int, device: torch.device, precision: str
     from edm2.presets import get_preset
     from edm2.training import setup
 
-    net = get_preset(preset).network
+    p = get_preset(preset)
+    net = p.network
     n = images or 4 * batch
     rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 256, [n, net.img_channels, net.img_resolution, net.img_resolution], dtype=np.uint8)
-    dataset = ImageDataset(pixels, rng.integers(0, max(net.label_dim, 1), n), name="random",
+    shape = [n, net.img_channels, net.img_resolution, net.img_resolution]
+    if p.latents:
+        items = np.concatenate([rng.normal(0, 4, shape), rng.uniform(0.01, 0.1, shape)], 1).astype(np.float32)
+    else:
+        items = rng.integers(0, 256, shape, dtype=np.uint8)
+    dataset = ImageDataset(items, rng.integers(0, max(net.label_dim, 1), n), name="random",
                            num_classes=max(net.label_dim, 1))
     opts = TrainOptions(outdir="(none)", data="random", preset=preset, batch=batch, device=str(device),
                         precision=precision, compile=compile)

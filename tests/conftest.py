@@ -41,3 +41,25 @@ def golden_phema() -> dict[str, np.ndarray]:
 @pytest.fixture(scope="session")
 def golden_sampler() -> dict[str, np.ndarray]:
     return load_golden("sampler")
+
+
+# ----------------------------------------------------------------------------------------------------
+# A stand-in for the Stable Diffusion VAE (tests/test_encoders.py, test_latent_pipeline.py): a tiny
+# diffusers AutoencoderKL with random weights, saved with save_pretrained; nothing is downloaded.
+
+
+def save_tiny_vae(folder: Path, blocks: int = 3) -> Path:
+    """An AutoencoderKL (4 latent channels, 2**(blocks-1) times downsampling) written to `folder`."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
+                        up_block_types=("UpDecoderBlock2D",) * blocks, block_out_channels=(8,) * blocks,
+                        layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=64)
+    vae.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory) -> Path:
+    return save_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny-vae")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from edm2.data import ImageDataset, InfiniteSampler, open_dataset, to_model_space, to_uint8
+from edm2.data import ImageDataset, InfiniteSampler, load_dataset, to_model_space, to_uint8
 
 
 def png_bytes(array: np.ndarray, fmt: str = "PNG") -> bytes:
@@ -67,13 +67,13 @@ def check_official(ds: ImageDataset) -> None:
 
 
 def test_folder_with_dataset_json(tmp_path):
-    check_official(open_dataset(make_official_folder(tmp_path / "imgs")))
+    check_official(load_dataset(make_official_folder(tmp_path / "imgs")))
 
 
 def test_folder_without_labels(tmp_path):
     for i in range(3):
         write_png(tmp_path / f"{i}.png", gray(i * 50))
-    ds = open_dataset(tmp_path)
+    ds = load_dataset(tmp_path)
     assert ds.labels is None and not ds.has_labels
     assert ds.images.shape == (3, 1, 8, 8)
     assert ds.describe()["num_classes"] == 0
@@ -87,7 +87,7 @@ def test_folder_rgb_channel_order(tmp_path):
     rgb[..., 0], rgb[..., 1], rgb[..., 2] = 200, 100, 7
     write_png(tmp_path / "a.png", rgb)
     write_png(tmp_path / "b.png", rgb[..., ::-1].copy())
-    ds = open_dataset(tmp_path)
+    ds = load_dataset(tmp_path)
     assert ds.images.shape == (2, 3, 8, 8) and ds.channels == 3
     assert ds.images[0, :, 3, 3].tolist() == [200, 100, 7]
     assert ds.images[1, :, 3, 3].tolist() == [7, 100, 200]
@@ -96,7 +96,7 @@ def test_folder_rgb_channel_order(tmp_path):
 def test_folder_jpeg(tmp_path):
     (tmp_path / "a.jpg").write_bytes(png_bytes(gray(128), "JPEG"))
     (tmp_path / "b.JPEG").write_bytes(png_bytes(gray(128), "JPEG"))
-    ds = open_dataset(tmp_path)
+    ds = load_dataset(tmp_path)
     assert ds.images.shape == (2, 1, 8, 8)
     assert abs(int(ds.images[0, 0, 4, 4]) - 128) <= 2
 
@@ -109,9 +109,9 @@ def test_uncompressed_zip_matches_folder(tmp_path):
         z.writestr("dataset.json", labels_json({n: lab for n, (_, lab) in OFFICIAL.items()}))
     with zipfile.ZipFile(zpath) as z:
         assert all(i.compress_type == zipfile.ZIP_STORED for i in z.infolist())
-    ds = open_dataset(zpath)
+    ds = load_dataset(zpath)
     check_official(ds)
-    folder = open_dataset(make_official_folder(tmp_path / "folder"))
+    folder = load_dataset(make_official_folder(tmp_path / "folder"))
     assert np.array_equal(ds.images, folder.images) and np.array_equal(ds.labels, folder.labels)
 
 
@@ -120,7 +120,7 @@ def test_npz_with_labels(tmp_path):
     x = rng.integers(0, 256, [5, 8, 8, 3], dtype=np.uint8)
     y = np.array([0, 4, 1, 1, 2])
     np.savez(tmp_path / "d.npz", x=x, y=y)
-    ds = open_dataset(tmp_path / "d.npz")
+    ds = load_dataset(tmp_path / "d.npz")
     assert ds.images.shape == (5, 3, 8, 8)
     assert np.array_equal(ds.images, x.transpose(0, 3, 1, 2))  # NHWC -> NCHW
     assert ds.labels.tolist() == y.tolist() and ds.num_classes == 5
@@ -132,13 +132,13 @@ def test_npz_with_labels(tmp_path):
 def test_npz_without_labels_and_gray_nhw(tmp_path):
     x = np.arange(3 * 8 * 8, dtype=np.uint8).reshape(3, 8, 8)
     np.savez(tmp_path / "d.npz", x=x)
-    ds = open_dataset(str(tmp_path / "d.npz"))
+    ds = load_dataset(str(tmp_path / "d.npz"))
     assert ds.labels is None and ds.images.shape == (3, 1, 8, 8)
     assert np.array_equal(ds.images[:, 0], x)
 
 
 def test_digits():
-    ds = open_dataset("digits")
+    ds = load_dataset("digits")
     assert len(ds) == 1797 and ds.images.shape == (1797, 1, 8, 8) and ds.images.dtype == np.uint8
     assert ds.num_classes == 10 and sorted(set(ds.labels.tolist())) == list(range(10))
     assert ds.images.min() == 0 and ds.images.max() == 255
@@ -201,7 +201,7 @@ def test_sampler_slices_of_one_stream():
 
 def expect_error(path, *fragments: str) -> str:
     with pytest.raises(ValueError) as info:
-        open_dataset(path)
+        load_dataset(path)
     msg = str(info.value)
     for f in fragments:
         assert f in msg, f"{f!r} not in {msg!r}"
@@ -313,7 +313,7 @@ def test_dataset_json_malformed(tmp_path, text):
 def test_dataset_json_null_labels_means_unlabeled(tmp_path):
     write_png(tmp_path / "a.png", gray(0))
     (tmp_path / "dataset.json").write_text('{"labels": null}')
-    assert open_dataset(tmp_path).labels is None
+    assert load_dataset(tmp_path).labels is None
 
 
 def test_permission_denied(tmp_path, monkeypatch):

@@ -7,9 +7,12 @@ import dataclasses
 from dataclasses import dataclass
 
 from edm2 import runtime
-from edm2.presets import EDMNetworkConfig, NetworkConfig, get_preset
+from edm2.data.encoders import encoder_from_dict
+from edm2.data.folder import ImageFolderDataset
+from edm2.data.latent_stats import load_latent_stats
+from edm2.presets import PRESETS, EDMNetworkConfig, NetworkConfig, get_preset
 
-__all__ = ["TrainOptions", "RunConfig", "resolve_run"]
+__all__ = ["TrainOptions", "RunConfig", "resolve_run", "resolve_encoder"]
 
 
 @dataclass
@@ -39,6 +42,10 @@ class TrainOptions:
     allow_tf32: bool = False  # TF32 in CUDA convolutions and matrix products (the official code keeps it off)
     augment: float | None = None  # edm-* presets: augmentation probability (0: off)
     ema: float | None = None  # edm-* presets: half-life of the traditional EMA, millions of images
+    xflip: bool = False  # double the dataset with mirrored images (official --xflip)
+    max_size: int | None = None  # train on a random subset of this many items
+    latent_stats: str | None = None  # JSON of `edm2 dataset stats`: the raw mean/std to standardise latents with
+    workers: int | None = None  # DataLoader processes; None: 2 for datasets on disk, 0 for those in memory
 
 
 @dataclass(frozen=True)
@@ -70,11 +77,13 @@ class RunConfig:
     # (`EDMRecipe.to_dict()`: loss, augment, EMA half-life and ramp-up, Adam betas, loss scaling).
     network_class: str | None = None
     edm: dict | None = None
+    encoder: dict | None = None  # how data maps to the network's space (official terms); None: StandardRGBEncoder
+    workers: int = 0  # DataLoader worker processes per training process
 
     # Fields that may change between a run and its resumption (the number of processes too: the data
     # stream, the noise and the optimizer state do not depend on it).
     MUTABLE = ("duration", "status", "snapshot", "checkpoint", "batch_gpu", "precision", "compile", "processes",
-               "allow_tf32")
+               "allow_tf32", "workers")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -94,8 +103,11 @@ def resolve_run(opts: TrainOptions, dataset, world: int | None = None) -> RunCon
     `world` is the number of processes (default: that of the current process group)."""
     preset = get_preset(opts.preset)
     net, tr = preset.network, preset.training
-    if dataset.resolution != net.img_resolution or dataset.channels != net.img_channels:
-        raise ValueError(f"dataset {dataset.name} is {dataset.resolution}x{dataset.resolution}x{dataset.channels} "
+    encoder = resolve_encoder(opts, dataset, preset)
+    channels = encoder.network_channels(dataset.channels)
+    if dataset.resolution != net.img_resolution or channels != net.img_channels:
+        kind = " latents" if dataset.latents else ""
+        raise ValueError(f"dataset {dataset.name} is {dataset.resolution}x{dataset.resolution}x{channels}{kind} "
                          f"but preset {preset.name} expects {net.img_resolution}x{net.img_resolution}x"
                          f"{net.img_channels}; choose a preset that matches the data")
     if opts.cond and not dataset.has_labels:
@@ -119,8 +131,15 @@ def resolve_run(opts: TrainOptions, dataset, world: int | None = None) -> RunCon
     else:  # the official train.py: augment labels (augment_dim 9) exactly when augmenting
         net = net.replace(label_dim=label_dim, dropout=dropout, augment_dim=9 if edm["augment"] else 0)
     pick = lambda v, d: d if v is None else v  # noqa: E731
+    if opts.max_size is not None and opts.max_size < 1:
+        raise ValueError(f"--max-size must be a positive number of items, got {opts.max_size}")
+    described = {**dataset.describe(), **({"xflip": True} if opts.xflip else {}),
+                 **({"max_size": opts.max_size} if opts.max_size is not None else {})}
+    workers = pick(opts.workers, 2 if isinstance(dataset, ImageFolderDataset) else 0)  # in memory: no reading
+    if workers < 0:
+        raise ValueError(f"--workers must be 0 or more, got {workers}")
     run = RunConfig(
-        data=opts.data, dataset=dataset.describe(), preset=preset.name, network=net.to_dict(), batch=batch,
+        data=opts.data, dataset=described, preset=preset.name, network=net.to_dict(), batch=batch,
         batch_gpu=batch_gpu, lr=pick(opts.lr, tr.lr), decay=pick(opts.decay, tr.decay), rampup_Mimg=tr.rampup_Mimg,
         P_mean=pick(opts.P_mean, tr.P_mean), P_std=pick(opts.P_std, tr.P_std),
         ema_stds=tuple(pick(opts.ema_stds, tr.ema_stds)), seed=opts.seed, duration=pick(opts.duration, tr.duration),
@@ -128,6 +147,7 @@ def resolve_run(opts: TrainOptions, dataset, world: int | None = None) -> RunCon
         checkpoint=pick(opts.checkpoint, tr.checkpoint), precision=precision, compile=bool(opts.compile),
         processes=world, allow_tf32=bool(opts.allow_tf32),
         network_class=net.class_name if edm is not None else None, edm=edm,
+        encoder=None if not preset.latents else encoder.to_dict(), workers=workers,
     )
     for name in ("duration", "status", "snapshot", "checkpoint"):
         if getattr(run, name) <= 0:
@@ -156,3 +176,22 @@ def _resolve_edm(preset, opts: TrainOptions) -> dict | None:
             raise ValueError(f"--ema is a half-life in millions of images (>= 0), got {opts.ema}")
         edm["ema_halflife_Mimg"] = float(opts.ema)
     return edm
+
+
+def resolve_encoder(opts: TrainOptions, dataset, preset):
+    """The dataset's encoder, with the statistics of `--latent-stats`; ValueError when the data does not fit
+    what the preset trains on (pixels or VAE latents)."""
+    latent = [name for name, p in PRESETS.items() if p.latents]
+    if dataset.latents and not preset.latents:
+        raise ValueError(f"dataset {dataset.name} holds VAE latents but preset {preset.name} trains on pixels; "
+                         f"use a latent preset ({', '.join(latent)}) or the images themselves")
+    if preset.latents and not dataset.latents:
+        raise ValueError(f"preset {preset.name} trains on VAE latents but dataset {dataset.name} holds images; "
+                         f"encode them first: edm2 dataset encode --source {dataset.name} --dest latents.zip")
+    spec = dataset.encoder
+    if opts.latent_stats is not None:
+        if not dataset.latents:
+            raise ValueError(f"--latent-stats applies to latent datasets; {dataset.name} holds images")
+        raw_mean, raw_std = load_latent_stats(opts.latent_stats)
+        spec = {"class": spec["class"], "kwargs": {**spec["kwargs"], "raw_mean": raw_mean, "raw_std": raw_std}}
+    return encoder_from_dict(spec)

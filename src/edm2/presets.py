@@ -2,7 +2,9 @@
 
 The twelve `edm2-img*` presets are the official ones (EDM2 Table 2/3 and Appendix); the `edm-*` presets are
 the setups of the EDM (2022) release (its train.py options); the `cpu-*` presets are small enough to train on
-a laptop CPU. Durations are in training images.
+a laptop CPU. Durations are in training images. A preset names the encoder its data needs
+(`edm2.data.encoders`, official class names): the `edm2-img512-*` family and `cpu-latent16` train on Stable
+Diffusion VAE latents, the others on pixels.
 """
 
 from __future__ import annotations
@@ -143,17 +145,23 @@ class Preset:
     network: NetworkConfig | EDMNetworkConfig
     training: TrainingConfig = field(default_factory=TrainingConfig)
     edm: EDMRecipe | None = None
+    encoder: str = "StandardRGBEncoder"  # the data it trains on: pixels, or "StabilityVAEEncoder" latents
+
+    @property
+    def latents(self) -> bool:
+        """Whether the preset trains on VAE latents (a dataset made by `edm2 dataset encode`)."""
+        return self.encoder == "StabilityVAEEncoder"
 
 
-# The two official families: (description, image channels, t_ref in batches, P_mean, P_std).
+# The two official families: (description, image channels, t_ref in batches, P_mean, P_std, encoder).
 _FAMILIES = {
-    "img512": ("ImageNet-512 latent (64x64x4, SD VAE)", 4, 70000, -0.4, 1.0),
-    "img64": ("ImageNet-64 pixels (64x64x3)", 3, 35000, -0.8, 1.6),
+    "img512": ("ImageNet-512 latent (64x64x4, SD VAE)", 4, 70000, -0.4, 1.0, "StabilityVAEEncoder"),
+    "img64": ("ImageNet-64 pixels (64x64x3)", 3, 35000, -0.8, 1.6, "StandardRGBEncoder"),
 }
 
 
 def _official(family: str, size: str, channels: int, lr: float, dropout: float, duration_Mi: int) -> Preset:
-    description, img_channels, decay, P_mean, P_std = _FAMILIES[family]
+    description, img_channels, decay, P_mean, P_std, encoder = _FAMILIES[family]
     return Preset(
         name=f"edm2-{family}-{size}",
         description=f"{description}, EDM2-{size.upper()}, C={channels}",
@@ -161,13 +169,15 @@ def _official(family: str, size: str, channels: int, lr: float, dropout: float, 
                               model_channels=channels, dropout=dropout),
         training=TrainingConfig(batch_size=2048, duration=duration_Mi * Mi, lr=lr, decay=decay,
                                 P_mean=P_mean, P_std=P_std),
+        encoder=encoder,
     )
 
 
-def _cpu(name: str, description: str, network: NetworkConfig, **training) -> Preset:
+def _cpu(name: str, description: str, network: NetworkConfig, encoder: str = "StandardRGBEncoder",
+         **training) -> Preset:
     defaults = dict(batch_size=128, duration=2 * Mi, lr=0.0100, decay=5000, rampup_Mimg=0.05, P_mean=-0.8,
                     P_std=1.6, status=16 * Ki, snapshot=128 * Ki, checkpoint=256 * Ki)
-    return Preset(name, description, network, TrainingConfig(**{**defaults, **training}))
+    return Preset(name, description, network, TrainingConfig(**{**defaults, **training}), encoder)
 
 
 _PRESET_LIST = [
@@ -199,6 +209,11 @@ _PRESET_LIST = [
     _cpu("cpu-rgb32", "32x32 colour (CIFAR-like), 10 classes, CPU-sized",
          NetworkConfig(img_resolution=32, img_channels=3, label_dim=10, model_channels=64,
                        channel_mult=(1, 2, 2, 2), num_blocks=2, attn_resolutions=(8,), use_fp16=False)),
+    # The img512 recipe (latents, P_mean/P_std) on a CPU-sized network: 128x128 images through the SD VAE.
+    _cpu("cpu-latent16", "16x16x4 SD VAE latents (128x128 images), 10 classes, CPU-sized",
+         NetworkConfig(img_resolution=16, img_channels=4, label_dim=10, model_channels=32, channel_mult=(1, 2, 2),
+                       num_blocks=2, attn_resolutions=(8,), use_fp16=False),
+         encoder="StabilityVAEEncoder", P_mean=-0.4, P_std=1.0),
 ]
 # The official train.py's --arch and --precond choices: network arguments, and (class, loss) pairs.
 EDM_ARCHS = {

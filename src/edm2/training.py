@@ -1,8 +1,9 @@
 """Training, top to bottom: the EDM2 optimizer recipe, the setup of a run, one training step, and the loop.
 
-One batch travels: dataset -> `BatchStream.micro_batches` (this process's share of the global batch) ->
-`train_step` (noise levels and noise for the whole global batch, EDM2 loss through the preconditioned network,
-backward, Adam with the learning-rate schedule) -> `PosthocEMA.update` (snapshots on disk) -> checkpoint.
+One batch travels: dataset -> `BatchStream.steps` (this process's share of the global batch, read ahead by
+DataLoader workers) -> `train_step` (noise levels and noise for the whole global batch, the encoder's map from raw
+items to the network's space, EDM2 loss through the preconditioned network, backward, Adam with the learning-rate
+schedule) -> `PosthocEMA.update` (snapshots on disk) -> checkpoint.
 
 Inside a torch.distributed process group (see `edm2.runtime.distributed`) the global batch is split over the
 processes: each computes `batch_gpu` images per accumulation round at its own positions of the one global data
@@ -15,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from edm2.checkpoint import (
     remove_stale_temps,
     save_training_state,
 )
-from edm2.data import BatchStream, ImageDataset, open_dataset
+from edm2.data import BatchStream, Encoder, StandardRGBEncoder, encoder_from_dict, open_dataset
 from edm2.edm_losses import EDM_LOSSES, EDMLoss
 from edm2.ema_trackers import EMATrackers, TraditionalEMATracker
 from edm2.layers import force_weight_normalization_
@@ -106,11 +107,12 @@ class Trainer:
     data: BatchStream
     ema: PosthocEMA | EMATrackers | None  # EMAs: rank 0 of a run with an out-dir writes the snapshots
     augment_pipe: AugmentPipe | None = None  # EDM-release runs with --augment > 0
+    encoder: Encoder = field(default_factory=StandardRGBEncoder)  # raw items -> the network's space
 
 
-def setup(run: RunConfig, dataset: ImageDataset, device: torch.device, outdir: str | Path | None = None) -> Trainer:
-    """Build the network (its weights fixed by the run's seed), optimizer, loss scaler, loss, data stream and,
-    with an `outdir` on rank 0, the EMA tracker."""
+def setup(run: RunConfig, dataset, device: torch.device, outdir: str | Path | None = None) -> Trainer:
+    """Build the network (its weights fixed by the run's seed), optimizer, loss scaler, loss, encoder, data stream
+    and, with an `outdir` on rank 0, the EMA tracker. `dataset`: what `edm2.data.open_dataset` returns."""
     rank, world = world_info()
     torch.manual_seed(run.seed)
     net = Precond(**run.network) if run.network_class is None else build_network(run.network_class, run.network)
@@ -125,27 +127,30 @@ def setup(run: RunConfig, dataset: ImageDataset, device: torch.device, outdir: s
     # fp16: dynamic loss scaling, starting where the official code trains (scale 1); the scale doubles after
     # 2000 steps without overflow and halves (skipping the step) on one.
     scaler = torch.amp.GradScaler(device.type, init_scale=1.0, enabled=run.precision == "fp16")
+    encoder = encoder_from_dict(run.encoder)
     ema = None
     if outdir is not None and rank == 0:
         info = {"preset": run.preset, "dataset": run.dataset, "data": run.data}
-        encoder = {"class": "StandardRGBEncoder", "kwargs": {}}
         ema = PosthocEMA(net, outdir, run.ema_stds, snapshot_every=run.snapshot, network=run.network_config(),
-                         rank=rank, info=info, encoder=encoder) if run.ema_stds else None
+                         rank=rank, info=info, encoder=encoder.to_dict()) if run.ema_stds else None
         if run.edm is not None:  # the EDM release's traditional EMA, with power EMAs beside it when asked
             traditional = TraditionalEMATracker(net, outdir, run.edm["ema_halflife_Mimg"],
                                                 run.edm["ema_rampup_ratio"], run.snapshot, run.network_config(),
-                                                info, rank, encoder)
+                                                info, rank, encoder.to_dict())
             ema = EMATrackers({"traditional": traditional, **({"power": ema} if ema is not None else {})})
     edm = run.edm or {}
     loss_fn = EDM2Loss(P_mean=run.P_mean, P_std=run.P_std, sigma_data=net.sigma_data) if not edm else \
         _edm_loss(edm["loss"], run, net)
+    data = BatchStream(dataset, run.seed, run.batch, run.batch_gpu, net.label_dim, rank, world,
+                       xflip=run.dataset.get("xflip", False), max_size=run.dataset.get("max_size"),
+                       workers=run.workers, pin_memory=device.type == "cuda")
     return Trainer(
         run=run, device=device, net=net, ddp=ddp, model=torch.compile(model) if run.compile else model,
         optimizer=make_adam(net.parameters(), fused=True,  # one kernel for all tensors, CPU and CUDA
                             betas=tuple(edm.get("adam_betas", ADAM_BETAS))),
-        scaler=scaler, loss_fn=loss_fn,
-        data=BatchStream(dataset, run.seed, run.batch, run.batch_gpu, net.label_dim, rank, world), ema=ema,
+        scaler=scaler, loss_fn=loss_fn, data=data, ema=ema,
         augment_pipe=AugmentPipe(p=edm["augment"], **EDM_AUGMENT_KWARGS) if edm.get("augment") else None,
+        encoder=encoder,
     )
 
 
@@ -160,8 +165,8 @@ def _edm_loss(name: str, run: RunConfig, net: torch.nn.Module) -> EDM2Loss | EDM
 def train_step(t: Trainer, cur_nimg: int,
                micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, float]:
     """One optimizer step over the global batch that starts at image `cur_nimg`, from this process's
-    `micro_batches` (images in the network's space and one-hot labels, one pair per accumulation round, at
-    `t.data.offsets` in the global batch). Returns (this process's share of the batch's mean loss, on the
+    `micro_batches` (raw items, uint8 pixels or raw latents, and one-hot labels, one pair per accumulation round,
+    at `t.data.offsets` in the global batch). Returns (this process's share of the batch's mean loss, on the
     device; the learning rate used)."""
     run = t.run
     lr = learning_rate_schedule(cur_nimg, run.batch, run.lr, run.decay, run.rampup_Mimg)
@@ -172,8 +177,10 @@ def train_step(t: Trainer, cur_nimg: int,
     # image sees the same noise whatever the number of processes or accumulation rounds.
     gen = torch.Generator(t.device).manual_seed(step_seed(run.seed, cur_nimg))
     sigma = t.loss_fn.sample_sigma(run.batch, t.device, gen)
-    noise = torch.randn([run.batch, t.net.img_channels, t.net.img_resolution, t.net.img_resolution],
-                        device=t.device, generator=gen)
+    shape = [run.batch, t.net.img_channels, t.net.img_resolution, t.net.img_resolution]
+    noise = torch.randn(shape, device=t.device, generator=gen)
+    # The VAE encoder samples each latent from its stored mean and std: from the same generator, after the noise.
+    latent_noise = torch.randn(shape, device=t.device, generator=gen) if t.encoder.stochastic else None
     augment = None if t.augment_pipe is None else t.augment_pipe.sample(run.batch, t.device, gen)
     loss_scaling = 1.0 if run.edm is None else run.edm["loss_scaling"]
     loss_sum = torch.zeros([], device=t.device)
@@ -184,7 +191,7 @@ def train_step(t: Trainer, cur_nimg: int,
         if run.compile:
             force_weight_normalization_(t.net)  # compiled code does not write the weights itself
         last = r == len(micro_batches) - 1
-        images = images.to(t.device)
+        images = t.encoder.encode_latents(images.to(t.device), None if latent_noise is None else latent_noise[part])
         extra = {}
         if augment is not None:  # non-leaky augmentation: the network sees the augment labels
             images, extra["augment_labels"] = t.augment_pipe.apply(images, augment[part])
@@ -241,8 +248,8 @@ def train(opts: TrainOptions, progress: bool = True, max_steps: int | None = Non
     validated before the folder is touched, and one process at a time may train it. Re-running the same
     options continues from the newest checkpoint; SIGINT/SIGTERM checkpoint and stop cleanly. `max_steps`
     stops after that many optimizer steps in this call (for tests and benchmarks)."""
-    dataset = open_dataset(opts.data)
     rank, world = world_info()
+    dataset = open_dataset(opts.data, progress=progress and rank == 0)
     run = resolve_run(opts, dataset, world)
     device = resolve_device(opts.device)
     outdir = Path(opts.outdir)
@@ -255,9 +262,9 @@ def train(opts: TrainOptions, progress: bool = True, max_steps: int | None = Non
                 f"{run.data}, batch {run.batch} ({world} process(es) x {run.batch_gpu} x {len(t.data.offsets)} "
                 f"accumulation), device {device}, precision {run.precision}{', compiled' if run.compile else ''}")
         steps, status = 0, "finished"
-        with StopRequest() as stop, fast_paths_for(run.precision, run.compile):
+        with StopRequest() as stop, fast_paths_for(run.precision, run.compile), t.data.steps(cur_nimg) as batches:
             while cur_nimg < run.duration:
-                loss, lr = train_step(t, cur_nimg, t.data.micro_batches(cur_nimg))
+                loss, lr = train_step(t, cur_nimg, next(batches))
                 cur_nimg += run.batch
                 steps += 1
                 done = cur_nimg >= run.duration

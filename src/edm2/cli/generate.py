@@ -22,16 +22,19 @@ from edm2.cli.params import parse_seeds, sampler_options
                    "[default: fp16 on CUDA for networks with use_fp16, else fp32]")
 @click.option("--compile", "compile_net", is_flag=True, help="torch.compile the network (slow start, faster steps).")
 @click.option("--allow-tf32", is_flag=True, help="TF32 in CUDA convolutions and matrix products.")
+@click.option("--vae", help="For latent models: the VAE to decode with (a local folder or hub name).  "
+                            "[default: the one the snapshot records]")
 @friendly_errors
 @sampler_options()
 def generate(net_path, outdir, seeds, class_idx, gnet_path, batch_size, grid, device, precision, compile_net,
-             allow_tf32, settings) -> None:
-    """Generate images from a snapshot; an image depends only on its seed. Under torchrun, the seeds are
-    split over the processes."""
+             allow_tf32, vae, settings) -> None:
+    """Generate images from a snapshot; an image depends only on its seed. Latent models are decoded with the
+    snapshot's encoder (the VAE). Under torchrun, the seeds are split over the processes."""
     from tqdm import tqdm
 
     from edm2.checkpoint import load_network
-    from edm2.generate import generate_images
+    from edm2.data import StandardRGBEncoder, encoder_from_dict
+    from edm2.generate import check_same_space, generate_images
     from edm2.runtime import distributed, resolve_device, resolve_precision
 
     if outdir is None and grid is None:
@@ -39,8 +42,14 @@ def generate(net_path, outdir, seeds, class_idx, gnet_path, batch_size, grid, de
     seed_list = parse_seeds(seeds)
     with one_voice(), distributed(device) as (rank, _):
         device = resolve_device(device)
-        net, _ = load_network(net_path, device)
-        gnet = load_network(gnet_path, device)[0] if gnet_path else None
+        net, snap = load_network(net_path, device)
+        gnet, gsnap = load_network(gnet_path, device) if gnet_path else (None, None)
+        if gsnap is not None:
+            check_same_space(snap.encoder, gsnap.encoder)
+        encoder = encoder_from_dict(snap.encoder, vae_name=vae)
+        if vae is not None and isinstance(encoder, StandardRGBEncoder):
+            raise ValueError(f"--vae applies to latent models; {net_path} generates pixels")
+        encoder.init(device)  # a missing VAE is reported before any image is made
         precision = resolve_precision(precision, device, net.use_fp16)
         bar = None  # created at the first finished batch, so that an early error stays a single line
 
@@ -53,7 +62,7 @@ def generate(net_path, outdir, seeds, class_idx, gnet_path, batch_size, grid, de
         try:
             generate_images(net, seed_list, outdir, settings, batch_size=batch_size, grid=grid, progress=progress,
                             class_idx=class_idx, gnet=gnet, device=device, precision=precision,
-                            compile=compile_net, allow_tf32=allow_tf32)
+                            compile=compile_net, allow_tf32=allow_tf32, encoder=encoder)
         finally:
             if bar is not None:
                 bar.close()

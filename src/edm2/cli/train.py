@@ -13,7 +13,8 @@ from edm2.cli.params import NIMG, parse_floats
 
 @main.command()
 @click.option("--outdir", required=True, type=click.Path(file_okay=False), help="Run folder (resumes if it exists).")
-@click.option("--data", default="digits", show_default=True, help="Image folder, .zip, .npz, or 'digits'.")
+@click.option("--data", default="digits", show_default=True,
+              help="Folder or .zip of images or latents (`edm2 dataset`), .npz, or 'digits'.")
 @click.option("--preset", default="cpu-digits8", show_default=True, help="Network and recipe; see `edm2 info`.")
 @click.option("--cond/--uncond", default=True, show_default=True, help="Class-conditional training.")
 @click.option("--duration", type=NIMG, help="Training length in images (e.g. 2Mi).  [default: preset]")
@@ -39,11 +40,18 @@ from edm2.cli.params import NIMG, parse_floats
 @click.option("--compile", "compile_net", is_flag=True, help="torch.compile the network (slow start, faster steps).")
 @click.option("--allow-tf32", is_flag=True, help="TF32 in CUDA convolutions and matrix products (off, as the "
                                                   "official code trains).")
+@click.option("--xflip", is_flag=True, help="Double the dataset with mirrored images.")
+@click.option("--max-size", type=int, help="Train on a random subset of this many images.  [default: all]")
+@click.option("--latent-stats", type=click.Path(dir_okay=False),
+              help="Latent statistics from `edm2 dataset stats` to standardise latents with.  "
+                   "[default: the dataset's, else the official sd-vae-ft-mse values]")
+@click.option("--workers", type=click.IntRange(min=0),
+              help="Data loading processes per training process.  [default: 2 for data on disk, 0 in memory]")
 @click.option("--dry-run", is_flag=True, help="Validate and print the resolved options, then exit.")
 @friendly_errors
 def train(outdir, data, preset, cond, duration, batch, batch_gpu, lr, decay, dropout, P_mean, P_std, status,
-          snapshot, checkpoint, ema_stds, augment, ema, seed, device, precision, compile_net, allow_tf32,
-          dry_run) -> None:
+          snapshot, checkpoint, ema_stds, augment, ema, seed, device, precision, compile_net, allow_tf32, xflip,
+          max_size, latent_stats, workers, dry_run) -> None:
     """Train a model (or resume the run in OUTDIR). Under torchrun, data-parallel over the processes."""
     from edm2.complexity import count_complexity
     from edm2.data import open_dataset
@@ -56,10 +64,11 @@ def train(outdir, data, preset, cond, duration, batch, batch_gpu, lr, decay, dro
                         batch_gpu=batch_gpu, lr=lr, decay=decay, dropout=dropout, P_mean=P_mean, P_std=P_std,
                         status=status, snapshot=snapshot, checkpoint=checkpoint, ema_stds=stds, seed=seed,
                         device=device, precision=precision, compile=compile_net, allow_tf32=allow_tf32,
-                        augment=augment, ema=ema)
+                        augment=augment, ema=ema, xflip=xflip, max_size=max_size, latent_stats=latent_stats,
+                        workers=workers)
     with one_voice(), distributed(device) as (rank, _):
         if dry_run:
-            run = resolve_run(opts, open_dataset(data))
+            run = resolve_run(opts, open_dataset(data, progress=rank == 0))
             c = count_complexity(run.network_config())
             if rank == 0:
                 click.echo(json.dumps({**run.to_dict(), "parameters": c.parameters, "gflops": round(c.gflops, 3)},
@@ -72,6 +81,9 @@ def train(outdir, data, preset, cond, duration, batch, batch_gpu, lr, decay, dro
         sys.exit(130)
 
 
+_DATA = {True: "VAE latents: make them with `edm2 dataset encode`", False: "pixels"}
+
+
 @main.command()
 @click.option("--preset", help="Preset to describe.  [default: list all]")
 @friendly_errors
@@ -82,11 +94,12 @@ def info(preset) -> None:
 
     if preset is None:
         for p in PRESETS.values():
-            click.echo(f"{p.name:18s} {p.description}")
+            click.echo(f"{p.name:18s} {p.description}{'  [latents]' if p.latents else ''}")
         return
     p = get_preset(preset)
     c = count_complexity(p.network)
     click.echo(f"{p.name}: {p.description}")
+    click.echo(f"  data              {_DATA[p.latents]} ({p.encoder})")
     click.echo(f"  parameters        {c.parameters / 1e6:.2f} M")
     click.echo(f"  GFLOPs/eval       {c.gflops:.2f} (multiply-accumulates {c.macs / 1e9:.2f} G + weight norm)")
     for k, v in p.network.to_dict().items():
