@@ -211,7 +211,7 @@ def test_sampler_settings_route_edm2_style_denoisers_to_edm_sampler():
 
 def test_edm_figure2_ordering_with_the_ideal_denoiser(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "edm_figure2.py"), "--out", str(tmp_path),
-                           "--samples", "256"], capture_output=True, text=True, timeout=600)
+                           "--samples", "64"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "edm_figure2.json").read_text())
     heun = result["errors"]["EDM time steps, Heun"]

@@ -119,6 +119,23 @@ def test_two_processes_give_the_results_of_one(setup):
                                                                     one["fd_dinov2/recall"])
 
 
+def test_latent_model_is_measured_through_its_vae(setup, tmp_path, tiny_vae):
+    """An official latent model (SD VAE encoder) is decoded by the VAE before the feature networks: measured on
+    the fly it equals measuring the PNGs that `generate` decodes (distance 0 to their statistics)."""
+    latent = tmp_path / "latent.safetensors"
+    ok(invoke("convert", PICKLES / "edm2_latent.pkl", latent))
+    ok(invoke("generate", "--net", latent, "--vae", tiny_vae, "--seeds", "0-5", "--outdir", tmp_path / "png", *GEN))
+    ok(invoke("metrics", "ref", "--data", tmp_path / "png", "--dest", tmp_path / "ref.npz", "--metrics", "fd_dinov2",
+              "--detector-dir", setup["det"], "--device", "cpu", "--workers", "0"))
+    ok(invoke("metrics", "gen", "--net", latent, "--vae", tiny_vae, "--ref", tmp_path / "ref.npz", "--seeds", "0-5",
+              "--detector-dir", setup["det"], "--batch", "4", "--results", tmp_path / "gen.json", *GEN))
+    res = json.loads((tmp_path / "gen.json").read_text())
+    assert res["fd_dinov2"] == pytest.approx(0, abs=1e-6)
+    # and a reference of the wrong resolution is refused before any sampling
+    assert_one_line_error(invoke("metrics", "gen", "--net", latent, "--vae", tiny_vae, "--ref", setup["ref"],
+                                 "--seeds", "0-5", "--detector-dir", setup["det"], *GEN), "16x16")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Bad input.
 
@@ -139,7 +156,8 @@ def test_bad_input_is_one_line_and_writes_nothing(setup, tmp_path):
     latent = tmp_path / "latent.safetensors"
     ok(invoke("convert", PICKLES / "edm2_latent.pkl", latent))
     assert_one_line_error(invoke("metrics", "gen", "--net", latent, "--ref", ref, "--seeds", "0-3", "--detector-dir",
-                                 det, "--outdir", out, *GEN), "needs the VAE decoder")
+                                 det, "--outdir", out, "--vae", tmp_path / "no-vae", *GEN),
+                          "VAE folder", "does not exist", "huggingface-cli download")
     (tmp_path / "cut.pkl").write_bytes((PICKLES / "edm2_pixel.pkl").read_bytes()[:1000])
     assert_one_line_error(invoke("metrics", "gen", "--net", tmp_path / "cut.pkl", "--ref", ref, "--detector-dir", det,
                                  "--outdir", out, *GEN), "not a readable official pickle")

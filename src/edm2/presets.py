@@ -177,7 +177,7 @@ def _cpu(name: str, description: str, network: NetworkConfig, encoder: str = "St
          **training) -> Preset:
     defaults = dict(batch_size=128, duration=2 * Mi, lr=0.0100, decay=5000, rampup_Mimg=0.05, P_mean=-0.8,
                     P_std=1.6, status=16 * Ki, snapshot=128 * Ki, checkpoint=256 * Ki)
-    return Preset(name, description, network, TrainingConfig(**{**defaults, **training}), encoder)
+    return Preset(name, description, network, TrainingConfig(**{**defaults, **training}), encoder=encoder)
 
 
 _PRESET_LIST = [

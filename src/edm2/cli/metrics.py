@@ -169,15 +169,18 @@ def calc(image_path, ref_path, num_images, seed, workers, results_path, metric_l
 @click.option("--outdir", type=click.Path(file_okay=False), help="Also write the images as PNG.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
               help="U-Net precision.  [default: fp16 on CUDA for networks with use_fp16, else fp32]")
+@click.option("--vae", help="For latent models: the VAE to decode with (a local folder or hub name).  "
+                           "[default: the snapshot's]")
 @click.option("--results", "results_path", type=click.Path(dir_okay=False), help="Also write the results as JSON.")
 @_common
 @friendly_errors
 @sampler_options()
-def gen(net_path, gnet_path, ref_path, seeds, repeats, seed_stride, outdir, precision, results_path, metric_list,
+def gen(net_path, gnet_path, ref_path, seeds, repeats, seed_stride, outdir, precision, vae, results_path, metric_list,
         detector_dir, device, batch_size, settings) -> None:
     """FID / FD_DINOv2 of a model's samples, generated in batches straight into the feature networks."""
     from edm2.checkpoint import load_network
-    from edm2.metrics.measure import ModelUnderTest, check_decodable, evaluate_model, seed_repeats
+    from edm2.data import encoder_from_dict
+    from edm2.metrics.measure import ModelUnderTest, evaluate_model, seed_repeats
     from edm2.metrics.stats import load_reference
     from edm2.runtime import distributed, resolve_device, resolve_precision
 
@@ -192,11 +195,13 @@ def gen(net_path, gnet_path, ref_path, seeds, repeats, seed_stride, outdir, prec
             gnet = load_network(gnet_path, device)[0] if gnet_path else None
         for w in caught:
             click.echo(f"edm2: warning: {w.message}", err=True)
-        check_decodable(snap.encoder)
-        reference.check(metric_names, (net.img_resolution, net.img_resolution))
+        encoder = encoder_from_dict(snap.encoder, vae_name=vae)
+        encoder.init(device)  # a latent model's VAE: loaded (and its resolution known) before the detectors
+        resolution = encoder.pixel_resolution(net.img_resolution)
+        reference.check(metric_names, (resolution, resolution))
         device, detectors = _setup(metric_names, detector_dir, str(device))
         reference.check(metric_names, dims={m: d.feature_dim for m, d in detectors.items()})
-        model = ModelUnderTest(net, gnet, settings, snap.encoder, batch_size, device,
+        model = ModelUnderTest(net, gnet, settings, encoder, batch_size, device,
                                resolve_precision(precision, device, net.use_fp16))
         keep = min((len(reference.stats[m].features) for m in metric_names
                     if reference.stats[m].features is not None), default=0)

@@ -62,6 +62,10 @@ class Encoder:
         """Final latents -> uint8 pixels."""
         raise NotImplementedError
 
+    def pixel_resolution(self, resolution: int) -> int:
+        """Resolution of the decoded images for latents of `resolution` (after `init` for a VAE)."""
+        return resolution
+
 
 class StandardRGBEncoder(Encoder):
     """uint8 pixels <-> [-1, 1]."""
@@ -119,6 +123,11 @@ class StabilityVAEEncoder(Encoder):
                              f"{len(self.raw_mean)} channels (mean and std: {2 * len(self.raw_mean)} channels); "
                              "measure them with `edm2 dataset stats` and pass --latent-stats")
         return len(self.raw_mean)
+
+    def pixel_resolution(self, resolution: int) -> int:
+        if self._vae is None:
+            raise ValueError("the VAE's resolution is known once it is loaded: call init(device) first")
+        return resolution * 2 ** (len(self._vae.config.block_out_channels) - 1)
 
     def init(self, device: torch.device | str) -> None:
         if self._vae is None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edm2.data import to_uint8
+from edm2.data import Encoder, StandardRGBEncoder
 from edm2.generate import sample_batch, save_png
 from edm2.metrics.detectors import Detector
 from edm2.metrics.frechet import frechet_distance_from_stats
@@ -25,27 +25,16 @@ from edm2.metrics.stats import FeatureStats, MetricStats, Reference
 from edm2.runtime import fast_paths_for, prepare_for_sampling, set_cuda_math, world_info
 from edm2.sampling import SamplerSettings
 
-__all__ = ["decode_to_uint8", "check_decodable", "measure_images", "ModelUnderTest", "measure_model", "compare",
+__all__ = ["decode_to_uint8", "measure_images", "ModelUnderTest", "measure_model", "compare",
            "seed_repeats", "evaluate_model", "RepeatSummary"]
 
 Progress = Callable[[int, int], None]  # (images measured in this step by all processes, total)
 
 
-def check_decodable(encoder: dict | None) -> None:
-    """ValueError unless network outputs in this encoder's space can be turned into pixels here."""
-    name = (encoder or {}).get("class", "StandardRGBEncoder")
-    if name == "StabilityVAEEncoder":
-        raise ValueError("this model generates Stable Diffusion VAE latents (StabilityVAEEncoder); measuring its "
-                         "images needs the VAE decoder, which edm2 does not have yet")
-    if name != "StandardRGBEncoder":
-        raise ValueError(f"unknown encoder {name!r} in the snapshot; cannot turn its outputs into pixels")
-
-
-def decode_to_uint8(x: torch.Tensor, encoder: dict | None) -> torch.Tensor:
+def decode_to_uint8(x: torch.Tensor, encoder: Encoder | None) -> torch.Tensor:
     """Network outputs [N, C, H, W] -> uint8 pixels, as the snapshot's encoder decodes them (None: standard RGB,
-    [-1, 1] -> [0, 255] as the official StandardRGBEncoder.decode)."""
-    check_decodable(encoder)
-    return to_uint8(x)
+    [-1, 1] -> [0, 255]; the Stable Diffusion VAE for latent models)."""
+    return (encoder or StandardRGBEncoder()).decode(x)
 
 
 def _new_stats(detectors: dict[str, Detector], keep: int) -> dict[str, FeatureStats]:
@@ -94,13 +83,14 @@ class ModelUnderTest:
     net: torch.nn.Module
     gnet: torch.nn.Module | None = None
     settings: SamplerSettings = SamplerSettings()
-    encoder: dict | None = None
+    encoder: Encoder | None = None  # `edm2.data.encoder_from_dict(snapshot.encoder)`; None: standard RGB
     batch_size: int = 32
     device: torch.device | str = "cpu"
     precision: str = "fp32"
 
     def prepare(self) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-        check_decodable(self.encoder)
+        if self.encoder is not None:
+            self.encoder.init(self.device)  # the VAE of a latent model: loaded before the first batch
         if self.batch_size <= 0:
             raise ValueError(f"--batch must be positive, got {self.batch_size}")
         if self.settings.guidance != 1 and self.gnet is None:
@@ -126,7 +116,7 @@ def measure_model(model: ModelUnderTest, seeds: Sequence[int], detectors: dict[s
             images, _ = sample_batch(net, chunk, gnet=gnet, settings=model.settings, device=model.device)
             pixels = decode_to_uint8(images, model.encoder)
             if outdir is not None:
-                for seed, image in zip(chunk, images.cpu()):
+                for seed, image in zip(chunk, pixels.cpu()):
                     save_png(Path(outdir) / f"{seed:06d}.png", image)
             for m, d in detectors.items():
                 stats[m].update(d(pixels), positions.tolist())
