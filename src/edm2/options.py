@@ -179,7 +179,7 @@ def _check(run: RunConfig, provenance: dict) -> None:
     if run.decay < 0 or run.rampup_Mimg < 0:
         raise ValueError(f"--decay and --rampup must not be negative, got {run.decay} and {provenance['rampup'].value}")
     rampup = provenance["rampup"]
-    if rampup.value > run.duration:
+    if rampup.value > run.duration and rampup.source != "user":  # a user's explicit --rampup stands, with a note
         raise ValueError(f"the learning-rate warm-up ({rampup.value} images, {rampup.source}) is longer than the run "
                          f"({run.duration} images), so the learning rate would never reach --lr; give a shorter "
                          "--rampup or a longer --duration")

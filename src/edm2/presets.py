@@ -109,9 +109,9 @@ def _cpu(name: str, description: str, network: NetworkConfig, **training) -> Pre
 
 
 # The re-tuned CPU recipe: 48 Ki images in batches of 64, decay start and warm-up in the official proportions
-# of that duration (6.68 % and 0.466 %, `edm2.recipes`), longer EMAs for a run of under 4000 steps.
+# of that duration (6.68 % and 0.466 %, `edm2.recipes`), 32 snapshots of the official EMA lengths.
 _CPU_RECIPE = dict(batch_size=64, duration=48 * Ki, lr=0.0100, decay=51.2695, rampup_Mimg=0.000229, P_mean=-0.8,
-                   P_std=1.6, ema_stds=(0.10, 0.20), status=768, snapshot=1536, checkpoint=6144)
+                   P_std=1.6, ema_stds=(0.05, 0.10), status=768, snapshot=1536, checkpoint=6144)
 
 _PRESET_LIST = [
     # XXS is the small guide model of the autoguidance follow-up work (same recipe, C=64).

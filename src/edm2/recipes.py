@@ -34,8 +34,7 @@ RAMPUP_FRACTION = 10_000_000 / REFERENCE_DURATION  # 0.00466
 SNAPSHOTS_PER_RUN = 32  # post-hoc EMA: profile error < 1e-4 for sigma_rel 0.05..0.20 (docs/posthoc_ema.md)
 STATUS_PER_RUN = 64
 CHECKPOINTS_PER_RUN = 8
-SHORT_RUN_STEPS = 4000  # runs of fewer optimizer steps track longer EMAs (docs/recipes.md)
-SHORT_RUN_EMA_STDS = (0.10, 0.20)
+EMA_STDS = (0.05, 0.10)  # the official lengths; SNAPSHOTS_PER_RUN snapshots reconstruct 0.03..0.28 from them
 SOURCES = ("preset", "user", "derived", "budget", "auto", "resumed")
 
 
@@ -67,15 +66,13 @@ def derive_schedule(duration: int, batch: int) -> dict[str, Setting]:
     intervals (images, multiples of the batch)."""
     if duration <= 0 or batch <= 0:
         raise ValueError(f"duration and batch must be positive, got {duration} and {batch}")
-    steps = duration / batch
-    short = steps < SHORT_RUN_STEPS
     return {
         "decay": Setting(float(f"{DECAY_FRACTION * duration / batch:.6g}"), "derived",
                          f"{100 * DECAY_FRACTION:.2f} % of the duration, in batches (official proportion)"),
         "rampup": Setting(round(RAMPUP_FRACTION * duration), "derived",
                           f"{100 * RAMPUP_FRACTION:.3f} % of the duration (official proportion)"),
-        "ema_stds": Setting(SHORT_RUN_EMA_STDS if short else (0.05, 0.10), "derived",
-                            f"a run of {'fewer than' if short else 'at least'} {SHORT_RUN_STEPS} steps"),
+        "ema_stds": Setting(EMA_STDS, "derived", f"the official lengths, reconstructed post hoc from "
+                            f"{SNAPSHOTS_PER_RUN} snapshots"),
         "status": Setting(_multiple(duration / STATUS_PER_RUN, batch), "derived", f"duration / {STATUS_PER_RUN}"),
         "snapshot": Setting(_multiple(duration / SNAPSHOTS_PER_RUN, batch), "derived",
                             f"duration / {SNAPSHOTS_PER_RUN}"),
@@ -219,6 +216,10 @@ def plan_duration(seconds: float, clock: str, elapsed: float, seconds_per_image:
 def describe(provenance: Mapping[str, Mapping]) -> list[str]:
     """One line per value that did not come from the preset: `name value (source: rule)`."""
     lines = []
+    rampup, duration = provenance.get("rampup", {}), provenance.get("duration", {})
+    if rampup.get("value", 0) > duration.get("value", float("inf")):
+        lines.append(f"note: the warm-up ({rampup['value']} images) is longer than the run ({duration['value']} "
+                     "images): the learning rate never reaches lr")
     for name, s in provenance.items():
         if s["source"] in ("preset", "user") and name != "preset":
             continue
