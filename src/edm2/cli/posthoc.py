@@ -68,11 +68,13 @@ def reconstruct(indir, outdir, stds, std_for, nimg, from_stds, max_error, allow_
               help="Judge file (`edm2 judge train`).  [default: the digits judge for digits models, else "
                    "RUN/judge.safetensors, trained on the run's dataset on first use]")
 @click.option("--data", help="Dataset to train the judge on.  [default: the run's]")
+@click.option("--judge-images", type=int, default=60_000, show_default=True,
+              help="Training images of a judge trained here.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto.")
 @_posthoc_options
 @friendly_errors
-def ema_sweep(run_dir, outdir, stds, samples, steps, judge_path, data, device, nimg, from_stds, max_error,
-              allow_gaps) -> None:
+def ema_sweep(run_dir, outdir, stds, samples, steps, judge_path, data, judge_images, device, nimg, from_stds,
+              max_error, allow_gaps) -> None:
     """Quality against EMA length: reconstruct each length, judge class-conditional samples (class accuracy and
     Frechet distance in the judge's feature space), plot, pick the best."""
     from pathlib import Path
@@ -88,7 +90,7 @@ def ema_sweep(run_dir, outdir, stds, samples, steps, judge_path, data, device, n
     _note_dropped(dropped)
     device = str(resolve_device(device))
     outdir = Path(outdir) if outdir else Path(run_dir) / "ema-sweep"
-    metric, name = quality_for_run(run_dir, samples, steps, device, judge_path, data, echo=click.echo)
+    metric, name = quality_for_run(run_dir, samples, steps, device, judge_path, data, judge_images, click.echo)
     result = sweep(run_dir, outdir, values, metric, key="fd",
                    nimg=nimg, input_stds=inputs, max_error=max_error, allow_gaps=allow_gaps,
                    skip_unsupported=":" in stds, secondary="accuracy",

@@ -181,11 +181,12 @@ JUDGE_FILE = "judge.safetensors"
 
 
 def quality_for_run(source: str | Path, num_samples: int, num_steps: int, device: str = "cpu",
-                    judge_path: str | Path | None = None, data: str | None = None,
+                    judge_path: str | Path | None = None, data: str | None = None, judge_images: int = 60_000,
                     echo: Callable[[str], None] | None = None) -> tuple[Callable[[Path], dict[str, float]], str]:
     """The sweep metric for the class-conditional model whose snapshots are in `source`, and a title for its plot:
     the digits judge for a digits model (unless `judge_path` is given), else the judge in `judge_path`, else
-    `source/judge.safetensors`, trained there on first use on `data` (default: the dataset the run trained on)."""
+    `source/judge.safetensors`, trained there on first use (`judge_images` training images) on `data` (default:
+    the dataset the run trained on)."""
     from edm2.checkpoint import read_metadata
     from edm2.data import open_dataset
     from edm2.metrics.digits import DigitsJudge, DigitsQuality
@@ -210,7 +211,7 @@ def quality_for_run(source: str | Path, num_samples: int, num_steps: int, device
                              "--judge FILE")
         if echo is not None:
             echo(f"training a judge on {data} (once; stored as {path}) ...")
-        judge = train_judge(open_dataset(data))
+        judge = train_judge(open_dataset(data), images=judge_images)
         judge.save(path)
     else:
         judge = Judge.load(path)
