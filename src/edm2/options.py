@@ -155,6 +155,8 @@ def resolve_run(opts: TrainOptions, dataset, world: int | None = None, plan: rec
     plain = {"batch": pick(opts.batch, tr.batch_size), "lr": pick(opts.lr, tr.lr),
              "P_mean": pick(opts.P_mean, tr.P_mean), "P_std": pick(opts.P_std, tr.P_std),
              "dropout": pick(opts.dropout, preset.network.dropout)}
+    if opts.dropout is None and preset_setting.source == "auto":
+        plain["dropout"] = recipes.Setting(preset.network.dropout, "auto", "the table's choice for the data")
     provenance = {"preset": preset_setting, "duration": duration, **plain, **schedule}
     value = {k: s.value for k, s in provenance.items()}
     run = RunConfig(
