@@ -154,7 +154,8 @@ def test_preset_auto_table(shape, expected):
     assert (net.img_resolution, net.img_channels, tuple(net.attn_resolutions), net.dropout) == (
         resolution, channels, attention, dropout)
     assert preset.training == PRESETS[name].training
-    if name.startswith("cpu-") and resolution <= 32:  # the adapted network is a valid network
+    own = PRESETS[name].network
+    if (resolution, channels) != (own.img_resolution, own.img_channels) and resolution <= 32:  # adapted: valid?
         x = torch.zeros([1, channels, resolution, resolution])
         out = Precond(**net.to_dict()).eval()(x, torch.ones([1]), torch.eye(10)[:1])
         assert out.shape == x.shape
@@ -203,21 +204,21 @@ def test_parse_budget():
 
 
 def test_budget_run_ends_within_its_margin_and_resumes(tmp_path):
-    # 10 s of single-thread CPU time on the minimal network: the whole call (loading, measuring, training,
+    # 6 s of single-thread CPU time on the minimal network: the whole call (loading, measuring, training,
     # snapshots and checkpoints) must end within -20 % / +15 % of the budget.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        opts = TrainOptions(outdir=str(tmp_path / "run"), data="digits", preset="cpu-tiny8", budget=10.0,
+        opts = TrainOptions(outdir=str(tmp_path / "run"), data="digits", preset="cpu-tiny8", budget=6.0,
                             budget_clock="cpu", device="cpu")
         start = time.process_time()
         result = train(opts, progress=False)
         used = time.process_time() - start
         assert result["status"] == "finished"
-        assert 8.0 <= used <= 11.5, used
+        assert 0.8 * 6 <= used <= 1.15 * 6, used
         run = json.loads((tmp_path / "run" / "training_options.json").read_text())
         plan = run["budget"]
-        assert plan["seconds"] == 10 and plan["clock"] == "cpu"
+        assert plan["seconds"] == 6 and plan["clock"] == "cpu"
         assert run["duration"] == plan["duration"] == result["nimg"]
         assert run["provenance"]["duration"]["source"] == "budget"
         assert run["decay"] == pytest.approx(DECAY_SHARE * run["duration"] / run["batch"], rel=1e-5)
