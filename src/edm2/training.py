@@ -303,14 +303,15 @@ def train(opts: TrainOptions, progress: bool = True, max_steps: int | None = Non
         set_cuda_math(device, run.allow_tf32)
         t = setup(run, dataset, device, outdir)
         cur_nimg = 0 if checkpoint is None else load_training_state(checkpoint, t.net, t.optimizer, t.ema, t.scaler)
+        recipe = [f"recipe: {line}" for line in describe(run.provenance)]
+        if progress and rank == 0 and recipe:
+            print("\n".join(recipe), flush=True)  # once, before the progress bar
         log = RunLog(outdir, run.duration, cur_nimg, device, rank, world, progress)
         log.say(f"{'resuming at' if cur_nimg else 'starting'} {cur_nimg} images: preset {run.preset}, data "
                 f"{run.data}, batch {run.batch} ({world} process(es) x {run.batch_gpu} x {len(t.data.offsets)} "
                 f"accumulation), device {device}, precision {run.precision}{', compiled' if run.compile else ''}")
-        for line in describe(run.provenance):
-            log.say(f"recipe: {line}")
-            if progress and rank == 0:
-                log.bar.write(f"recipe: {line}")
+        for line in recipe:
+            log.say(line)
         steps, status = 0, "finished"
         with StopRequest() as stop, fast_paths_for(run.precision, run.compile):
             while cur_nimg < run.duration:
