@@ -227,6 +227,10 @@ def test_budget_run_ends_within_its_margin_and_resumes(tmp_path):
         start = time.process_time()
         again = train(opts, progress=False)
         assert again["steps"] == 0 and again["nimg"] == result["nimg"] and time.process_time() - start < 5
+        # Without --budget too: the planned duration stays.
+        plain = train(TrainOptions(outdir=opts.outdir, data="digits", preset="cpu-tiny8", device="cpu"),
+                      progress=False)
+        assert plain["steps"] == 0 and plain["run"]["duration"] == result["nimg"]
     finally:
         torch.set_num_threads(threads)
 

@@ -94,7 +94,8 @@ def _preset(opts: TrainOptions, dataset, device) -> tuple[Preset, recipes.Settin
     return preset, recipes.Setting(preset.name, "auto", reason)
 
 
-def _duration(opts: TrainOptions, preset: Preset, plan: recipes.BudgetPlan | None) -> recipes.Setting:
+def _duration(opts: TrainOptions, preset: Preset, plan: recipes.BudgetPlan | None,
+              previous: dict | None) -> recipes.Setting:
     if opts.budget is not None and opts.duration is not None:
         raise ValueError("give --duration or --budget, not both")
     if opts.budget is not None and not opts.budget > 0:
@@ -104,6 +105,8 @@ def _duration(opts: TrainOptions, preset: Preset, plan: recipes.BudgetPlan | Non
                                f"{1 / plan.seconds_per_image:.4g} images/s")
     if opts.duration is not None:
         return recipes.Setting(opts.duration, "user")
+    if (previous or {}).get("budget") and opts.budget is None:  # a budget run resumed without its --budget
+        return recipes.Setting(previous["duration"], "resumed", "planned from the run's --budget")
     return recipes.Setting(preset.training.duration, "preset")
 
 
@@ -141,7 +144,7 @@ def resolve_run(opts: TrainOptions, dataset, world: int | None = None, plan: rec
     precision = runtime.resolve_precision(opts.precision, device, net.use_fp16)
     net = dataclasses.replace(net, label_dim=dataset.num_classes if opts.cond else 0,
                               dropout=net.dropout if opts.dropout is None else opts.dropout)
-    duration = _duration(opts, preset, plan)
+    duration = _duration(opts, preset, plan, previous)
     if duration.value <= 0:
         raise ValueError(f"--duration must be a positive number of images, got {duration.value}")
     schedule = recipes.resolve_schedule(
