@@ -82,7 +82,7 @@ def judge_for(name: str, work: Path, images: int) -> tuple[Path, Judge]:
 
 
 def run_cell(name: str, data: Path, judge: Judge, budget_min: float, recipe: str, work: Path, samples: int,
-             steps: int) -> dict:
+             steps: int, grid: tuple[float, ...] = GRID) -> dict:
     """Train one model within the budget and judge its best post-hoc EMA."""
     tag = f"{name}-{budget_min:g}min-{recipe.replace(':', '-').replace(',', '-').replace('=', '')}"
     outdir = work / "runs" / tag
@@ -92,7 +92,7 @@ def run_cell(name: str, data: Path, judge: Judge, budget_min: float, recipe: str
     run = result["run"]
     log(f"[{tag}] {run['preset']}: {result['nimg']} images in {result['seconds']:.0f} s; judging the EMA grid ...")
     start = time.process_time()
-    sweep = ema_sweep(outdir, work / "sweeps" / tag, GRID, JudgeQuality(judge, samples, steps), key="fd",
+    sweep = ema_sweep(outdir, work / "sweeps" / tag, grid, JudgeQuality(judge, samples, steps), key="fd",
                       skip_unsupported=True, json_path="sweep.json", plot_path="sweep.png", secondary="accuracy",
                       title=f"{tag}: quality vs EMA length", echo=log)
     best = sweep.best
@@ -102,7 +102,7 @@ def run_cell(name: str, data: Path, judge: Judge, budget_min: float, recipe: str
             "P_mean": run["P_mean"], "P_std": run["P_std"], "ema_stds": run["ema_stds"], "images": result["nimg"],
             "steps": result["nimg"] // run["batch"], "train_cpu_s": round(result["seconds"], 1),
             "eval_cpu_s": round(time.process_time() - start, 1), "best_sigma_rel": best["sigma_rel"],
-            "fd": best["fd"], "accuracy": best["accuracy"],
+            "fd": best["fd"], "accuracy": best["accuracy"], "grid": list(grid),
             "sweep": [{k: r[k] for k in ("sigma_rel", "fd", "accuracy")} for r in sweep.rows]}
 
 
@@ -145,6 +145,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=20000, help="images per synthetic dataset")
     parser.add_argument("--samples", type=int, default=200, help="samples judged per EMA length")
     parser.add_argument("--steps", type=int, default=10, help="Heun steps per sample")
+    parser.add_argument("--grid", default=",".join(f"{s:g}" for s in GRID), help="EMA lengths judged per run")
     parser.add_argument("--plot", default=None, help="PNG of the results  [default: WORK/bench_recipes.png]")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -162,7 +163,8 @@ def main() -> None:
                 if any((d["dataset"], d["budget_min"], d["recipe"], d["samples"], d["heun_steps"]) == key
                        for d in done):
                     continue
-                row = {**run_cell(name, data, judge, budget, recipe, work, args.samples, args.steps),
+                grid = tuple(float(g) for g in args.grid.split(","))
+                row = {**run_cell(name, data, judge, budget, recipe, work, args.samples, args.steps, grid),
                        "samples": args.samples, "heun_steps": args.steps}
                 done.append(row)
                 with cells_file.open("a") as f:
@@ -175,7 +177,7 @@ def main() -> None:
     if rows:
         plot(rows, plot_path)
     json.dump({"machine": machine_info(["cpu"]), "command": " ".join(sys.argv), "budget_clock": "process CPU time, "
-               "one thread", "judges": judges, "grid": GRID, "presets_after": sorted(
+               "one thread", "judges": judges, "presets_after": sorted(
                    {r["preset"] for r in rows if r["recipe"].startswith("after")} & set(PRESETS)),
                "rows": rows, "plot": str(plot_path)}, sys.stdout, indent=2)
     print()

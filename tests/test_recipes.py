@@ -118,6 +118,11 @@ def test_a_duration_scales_the_schedule_and_user_values_win():
                                    rampup=1000, device="cpu"), ds, world=1)
     assert (run.decay, run.rampup_Mimg) == (30, 0.001)
     assert run.provenance["decay"]["source"] == run.provenance["rampup"]["source"] == "user"
+    # A longer run reports and checkpoints no less often than its preset; its snapshots stay 32 per run.
+    run = resolve_run(TrainOptions(outdir="x", data="fake", preset="edm2-img64-s", duration=4 << 30, device="cpu"),
+                      fake(64, 3, classes=1000), world=1)
+    assert (run.status, run.checkpoint, run.snapshot) == (128 * Ki, 128 * Mi, (4 << 30) // 32)
+    assert run.decay == pytest.approx(DECAY_SHARE * (4 << 30) / 2048) and run.rampup_Mimg == pytest.approx(20, 1e-3)
     # The preset's own duration keeps the preset's schedule.
     run = resolve_run(TrainOptions(outdir="x", data="fake", preset="cpu-tiny8", duration=64 * Ki, device="cpu"),
                       fake(8, 1), world=1)

@@ -60,12 +60,16 @@ def _multiple(nimg: float, batch: int) -> int:
     return max(batch, int(nimg // batch) * batch)
 
 
-def derive_schedule(duration: int, batch: int) -> dict[str, Setting]:
+def derive_schedule(duration: int, batch: int, caps: Mapping[str, int] | None = None) -> dict[str, Setting]:
     """The schedule of a run of `duration` images in batches of `batch`, in the official proportions: decay start
     (t_ref, batches), warm-up (`rampup`, images), tracked EMA lengths and the status, snapshot and checkpoint
-    intervals (images, multiples of the batch)."""
+    intervals (images, multiples of the batch). `caps` bounds the status and checkpoint intervals (the preset's:
+    a long run still reports and checkpoints as often as its preset)."""
     if duration <= 0 or batch <= 0:
         raise ValueError(f"duration and batch must be positive, got {duration} and {batch}")
+    caps = caps or {}
+    cap = {k: min(caps.get(k, duration), duration / n) for k, n in (("status", STATUS_PER_RUN),
+                                                                     ("checkpoint", CHECKPOINTS_PER_RUN))}
     return {
         "decay": Setting(float(f"{DECAY_FRACTION * duration / batch:.6g}"), "derived",
                          f"{100 * DECAY_FRACTION:.2f} % of the duration, in batches (official proportion)"),
@@ -73,11 +77,12 @@ def derive_schedule(duration: int, batch: int) -> dict[str, Setting]:
                           f"{100 * RAMPUP_FRACTION:.3f} % of the duration (official proportion)"),
         "ema_stds": Setting(EMA_STDS, "derived", f"the official lengths, reconstructed post hoc from "
                             f"{SNAPSHOTS_PER_RUN} snapshots"),
-        "status": Setting(_multiple(duration / STATUS_PER_RUN, batch), "derived", f"duration / {STATUS_PER_RUN}"),
+        "status": Setting(_multiple(cap["status"], batch), "derived",
+                          f"duration / {STATUS_PER_RUN}" + (", at most the preset's" if caps else "")),
         "snapshot": Setting(_multiple(duration / SNAPSHOTS_PER_RUN, batch), "derived",
                             f"duration / {SNAPSHOTS_PER_RUN}"),
-        "checkpoint": Setting(_multiple(duration / CHECKPOINTS_PER_RUN, batch), "derived",
-                              f"duration / {CHECKPOINTS_PER_RUN}"),
+        "checkpoint": Setting(_multiple(cap["checkpoint"], batch), "derived",
+                              f"duration / {CHECKPOINTS_PER_RUN}" + (", at most the preset's" if caps else "")),
     }
 
 
@@ -88,7 +93,8 @@ def resolve_schedule(preset_values: Mapping[str, object], preset_duration: int, 
     when given; else, when a run is resumed, the value it derived; else derived from `duration` when that is not
     the preset's own (set by the user or planned from a budget); else the preset's value."""
     scaled = duration.source != "preset" and duration.value != preset_duration
-    derived = derive_schedule(int(duration.value), batch) if scaled else {}
+    caps = {k: int(preset_values[k]) for k in ("status", "checkpoint") if k in preset_values}
+    derived = derive_schedule(int(duration.value), batch, caps) if scaled else {}
     out = {}
     for name, preset_value in preset_values.items():
         old = (previous or {}).get(name)
