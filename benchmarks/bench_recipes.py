@@ -115,14 +115,15 @@ def plot(rows: list[dict], path: Path) -> None:
     from edm2.checkpoint import atomic_output
 
     names = sorted({r["dataset"] for r in rows})
+    colours = {recipe: f"C{i}" for i, recipe in enumerate(sorted({r["recipe"] for r in rows}))}
     fig, axes = plt.subplots(2, len(names), figsize=(5 * len(names), 6.5), dpi=110, squeeze=False)
     for col, name in enumerate(names):
         for recipe in sorted({r["recipe"] for r in rows if r["dataset"] == name}):
             cells = sorted((r for r in rows if r["dataset"] == name and r["recipe"] == recipe),
                            key=lambda r: r["budget_min"])
             x = [r["budget_min"] for r in cells]
-            axes[0, col].plot(x, [r["fd"] for r in cells], "o-", label=recipe)
-            axes[1, col].plot(x, [100 * r["accuracy"] for r in cells], "o-", label=recipe)
+            axes[0, col].plot(x, [r["fd"] for r in cells], "o-", color=colours[recipe], label=recipe)
+            axes[1, col].plot(x, [100 * r["accuracy"] for r in cells], "o-", color=colours[recipe], label=recipe)
         axes[0, col].set_title(f"{name}: Frechet distance (judge features), lower is better", fontsize=9)
         axes[1, col].set_title(f"{name}: samples recognised as their class (%)", fontsize=9)
         for ax in axes[:, col]:
