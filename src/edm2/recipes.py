@@ -220,7 +220,8 @@ def plan_duration(seconds: float, clock: str, elapsed: float, seconds_per_image:
 
 
 def describe(provenance: Mapping[str, Mapping]) -> list[str]:
-    """One line per value that did not come from the preset: `name value (source: rule)`."""
+    """The lines training prints: the preset, then each value neither the preset nor the user gave, as
+    `name value (source: rule)`, and a note when the warm-up is longer than the run."""
     lines = []
     rampup, duration = provenance.get("rampup", {}), provenance.get("duration", {})
     if rampup.get("value", 0) > duration.get("value", float("inf")):
