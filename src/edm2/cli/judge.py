@@ -15,7 +15,8 @@ def judge() -> None:
 @judge.command("train")
 @click.option("--data", required=True, help="Labelled image folder, .zip, .npz, or 'digits'.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Judge file (.safetensors).")
-@click.option("--images", type=int, default=60_000, show_default=True, help="Training images (passes x dataset).")
+@click.option("--images", type=int, default=60_000, show_default=True,
+              help="Images the judge trains on (several passes over a small dataset).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (also of the held-out split).")
 @friendly_errors
 def judge_train(data, out_path, images, seed) -> None:
