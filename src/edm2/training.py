@@ -35,12 +35,14 @@ from edm2.checkpoint import (
 )
 from edm2.data import BatchStream, Encoder, StandardRGBEncoder, encoder_from_dict, open_dataset
 from edm2.edm_losses import EDM_LOSSES, EDMLoss
+from edm2.ema import PowerFunctionEMA
 from edm2.ema_trackers import EMATrackers, TraditionalEMATracker
 from edm2.layers import force_weight_normalization_
 from edm2.losses import EDM2Loss
 from edm2.networks import Precond, build_network
 from edm2.options import RunConfig, TrainOptions, resolve_run
 from edm2.posthoc import PosthocEMA
+from edm2.recipes import BudgetPlan, budget_clock, describe, plan_duration
 from edm2.runlog import RunLog
 from edm2.runtime import (
     STOP_NONE,
@@ -55,7 +57,8 @@ from edm2.runtime import (
 )
 
 __all__ = ["learning_rate_schedule", "make_adam", "sanitize_gradients", "ADAM_BETAS", "ADAM_EPS", "Trainer",
-           "setup", "train_step", "train", "TrainOptions", "RunConfig", "resolve_run"]
+           "setup", "train_step", "train", "TrainOptions", "RunConfig", "resolve_run", "measure_throughput",
+           "plan_budget"]
 
 ADAM_BETAS = (0.9, 0.99)
 ADAM_EPS = 1e-8
@@ -243,24 +246,108 @@ def _crossed(nimg: int, interval: int, batch: int) -> bool:
     return nimg % interval < batch
 
 
+# ----------------------------------------------------------------------------------------------------
+# Time budgets: measure the throughput on a throw-away copy of the run, then fix the duration once.
+
+
+def _agree(value, world: int):
+    """Rank 0's `value` in every process."""
+    if world > 1:
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value
+
+
+def measure_throughput(run: RunConfig, dataset, device: torch.device, clock, seconds: float,
+                       deadline: float) -> tuple[float, float]:
+    """(seconds per image, seconds of the first step) of training steps with EMA updates, on a network built for
+    the purpose and thrown away (the run itself starts afresh). The first step is timed alone (allocations,
+    compilation), then at least 3 more, for about `seconds` of `clock`. ValueError when the first step ends after
+    `deadline`."""
+    t = setup(run, dataset, device)
+    ema = PowerFunctionEMA(t.net, run.ema_stds)
+    nimg = 0
+
+    def step() -> None:
+        nonlocal nimg
+        loss, _ = train_step(t, nimg, t.data.micro_batches(nimg))
+        nimg += run.batch
+        ema.update(nimg, run.batch)
+        float(loss)  # waits for queued device work
+
+    with fast_paths_for(run.precision, run.compile):
+        start = clock()
+        step()
+        first = clock() - start
+        if _agree(clock() > deadline, world_info()[1]):
+            raise ValueError(f"--budget is too short for one training step: the first step of {run.batch} images took "
+                             f"{first:.2g} s; give a longer --budget or a smaller --batch")
+        count = _agree(max(3, min(50, int(seconds / max(first, 1e-6)))), world_info()[1])
+        start = clock()
+        for _ in range(count):
+            step()
+        per_image = (clock() - start) / (count * run.batch)
+    return per_image, first
+
+
+def plan_budget(opts: TrainOptions, dataset, previous: dict | None, started: float) -> BudgetPlan:
+    """The duration that fits `opts.budget` (seconds of `opts.budget_clock`, counted from `started`): the plan of
+    the run being resumed when it had the same budget, else measured on this machine (rank 0 decides)."""
+    if previous is not None:
+        old = previous.get("budget")
+        if old is None or (old["seconds"], old["clock"]) != (float(opts.budget), opts.budget_clock):
+            what = "a fixed duration" if old is None else f"--budget {old['seconds']:g}s ({old['clock']} clock)"
+            raise ValueError(f"--outdir {opts.outdir} holds a run planned for {what}; resume it with the same "
+                             "options, or use a new --outdir")
+        return BudgetPlan.from_dict(old)
+    check_run_folder(opts.outdir, {})  # a folder of other files is refused before any time is spent
+    world = world_info()[1]
+    clock = budget_clock(opts.budget_clock)
+    draft = resolve_run(opts, dataset, world)  # the preset's duration stands in; only the speed matters here
+    deadline = started + opts.budget
+    per_image, first = measure_throughput(draft, dataset, resolve_device(opts.device), clock,
+                                          min(0.02 * opts.budget, 20.0), deadline)
+    plan = plan_duration(opts.budget, opts.budget_clock, clock() - started, per_image, draft.batch, first)
+    return _agree(plan, world)
+
+
+def _previous_options(outdir: Path) -> dict | None:
+    """The options of the run in `outdir`, or None (absent or unreadable: `check_run_folder` reports that)."""
+    try:
+        return json.loads((outdir / OPTIONS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def train(opts: TrainOptions, progress: bool = True, max_steps: int | None = None) -> dict:
     """Train (or resume) the run in `opts.outdir`; returns a summary dict. Everything about the run is
     validated before the folder is touched, and one process at a time may train it. Re-running the same
-    options continues from the newest checkpoint; SIGINT/SIGTERM checkpoint and stop cleanly. `max_steps`
+    options continues from the newest checkpoint; SIGINT/SIGTERM checkpoint and stop cleanly. With
+    `opts.budget`, the duration is planned from the throughput of the first steps (`plan_budget`). `max_steps`
     stops after that many optimizer steps in this call (for tests and benchmarks)."""
+    clock = budget_clock(opts.budget_clock)
+    started = clock()
     rank, world = world_info()
     dataset = open_dataset(opts.data, progress=progress and rank == 0)
-    run = resolve_run(opts, dataset, world)
-    device = resolve_device(opts.device)
     outdir = Path(opts.outdir)
+    previous = _previous_options(outdir)
+    plan = None if opts.budget is None else plan_budget(opts, dataset, previous, started)
+    run = resolve_run(opts, dataset, world, plan, previous)
+    device = resolve_device(opts.device)
     with claim_run_folder(outdir, run) as checkpoint:
         set_cuda_math(device, run.allow_tf32)
         t = setup(run, dataset, device, outdir)
         cur_nimg = 0 if checkpoint is None else load_training_state(checkpoint, t.net, t.optimizer, t.ema, t.scaler)
+        recipe = [f"recipe: {line}" for line in describe(run.provenance)]
+        if progress and rank == 0 and recipe:
+            print("\n".join(recipe), flush=True)  # once, before the progress bar
         log = RunLog(outdir, run.duration, cur_nimg, device, rank, world, progress)
         log.say(f"{'resuming at' if cur_nimg else 'starting'} {cur_nimg} images: preset {run.preset}, data "
                 f"{run.data}, batch {run.batch} ({world} process(es) x {run.batch_gpu} x {len(t.data.offsets)} "
                 f"accumulation), device {device}, precision {run.precision}{', compiled' if run.compile else ''}")
+        for line in recipe:
+            log.say(line)
         steps, status = 0, "finished"
         with StopRequest() as stop, fast_paths_for(run.precision, run.compile), t.data.steps(cur_nimg) as batches:
             while cur_nimg < run.duration:
@@ -287,6 +374,9 @@ def train(opts: TrainOptions, progress: bool = True, max_steps: int | None = Non
             torch.distributed.barrier()  # the others wait for rank 0's last checkpoint
         if status == "finished":
             log.say(f"finished at {cur_nimg} images")
+        if opts.budget is not None:
+            log.say(f"{clock() - started:.1f} s of {opts.budget_clock} time used in this call (budget "
+                    f"{opts.budget:g} s)")
         log.close()
     return {"status": status, "nimg": cur_nimg, "outdir": str(outdir), "steps": steps, "run": run.to_dict(),
-            "rank": rank, "processes": world}
+            "rank": rank, "processes": world, "seconds": clock() - started}

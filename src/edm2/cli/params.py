@@ -14,8 +14,8 @@ from edm2.ema import MAX_SIGMA_REL
 from edm2.sampling import SOLVERS, SamplerSettings
 from edm2.schedules import DISCRETIZATIONS, SCALINGS, SCHEDULES
 
-__all__ = ["UNITS", "parse_nimg", "NIMG", "parse_seeds", "parse_floats", "parse_std_list", "parse_std_for",
-           "sampler_options"]
+__all__ = ["UNITS", "parse_nimg", "NIMG", "parse_budget", "BUDGET", "parse_seeds", "parse_floats", "parse_std_list",
+           "parse_std_for", "sampler_options"]
 
 UNITS = {"": 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
 
@@ -46,6 +46,38 @@ class ImageCount(click.ParamType):
 
 
 NIMG = ImageCount()
+
+
+_TIME_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600}
+
+
+def parse_budget(text: str) -> float:
+    """'90s', '15min', '1.5h', '1h30min', or a plain number of seconds -> seconds."""
+    text = str(text).strip().lower().replace(" ", "")
+    parts = re.findall(r"(\d+(?:\.\d+)?)(sec|min|hr|s|m|h)?", text)
+    if not text or "".join(n + u for n, u in parts) != text or (len(parts) > 1 and not all(u for _, u in parts)):
+        raise ValueError(f"bad time {text!r}; use e.g. 90s, 15min, 1.5h or 1h30min")
+    seconds = sum(float(n) * _TIME_UNITS[u or "s"] for n, u in parts)
+    if seconds <= 0:
+        raise ValueError(f"a time budget must be positive, got {text!r}")
+    return seconds
+
+
+class TimeBudget(click.ParamType):
+    """A time with optional s/min/h units, as a click parameter type."""
+
+    name = "TIME"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            return float(value)
+        try:
+            return parse_budget(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+BUDGET = TimeBudget()
 
 
 def parse_seeds(text: str) -> list[int]:

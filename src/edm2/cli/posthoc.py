@@ -57,21 +57,29 @@ def reconstruct(indir, outdir, stds, std_for, nimg, from_stds, max_error, allow_
 
 @main.command("ema-sweep")
 @click.option("--run", "run_dir", required=True, type=click.Path(),
-              help="Training run folder or folder of snapshots (a digits model for the built-in metric).")
+              help="Training run folder or folder of snapshots of a class-conditional model.")
 @click.option("--outdir", type=click.Path(file_okay=False), help="Output folder.  [default: RUN/ema-sweep]")
 @click.option("--std", "stds", default="0.02:0.28:0.01", show_default=True,
               help="EMA lengths: start:stop:step (inclusive; lengths the snapshots do not support are "
                    "skipped) or a comma list (all must be supported).")
 @click.option("--samples", type=int, default=500, show_default=True, help="Samples judged per EMA length.")
 @click.option("--steps", type=int, default=16, show_default=True, help="Heun sampler steps per sample.")
+@click.option("--judge", "judge_path", type=click.Path(dir_okay=False),
+              help="Judge file (`edm2 judge train`).  [default: the digits judge for digits models, else "
+                   "RUN/judge.safetensors, trained on the run's dataset on first use]")
+@click.option("--data", help="Dataset to train the judge on.  [default: the run's]")
+@click.option("--judge-images", type=int, default=60_000, show_default=True,
+              help="Training images of a judge trained here.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto.")
 @_posthoc_options
 @friendly_errors
-def ema_sweep(run_dir, outdir, stds, samples, steps, device, nimg, from_stds, max_error, allow_gaps) -> None:
-    """Quality against EMA length: reconstruct each length, judge digit samples, plot, pick the best."""
+def ema_sweep(run_dir, outdir, stds, samples, steps, judge_path, data, judge_images, device, nimg, from_stds,
+              max_error, allow_gaps) -> None:
+    """Quality against EMA length: reconstruct each length, judge class-conditional samples (class accuracy and
+    Frechet distance in the judge's feature space), plot, pick the best."""
     from pathlib import Path
 
-    from edm2.metrics import DigitsJudge, DigitsQuality
+    from edm2.metrics.judge import quality_for_run
     from edm2.runtime import resolve_device
     from edm2.sweep import ema_sweep as sweep
 
@@ -82,10 +90,11 @@ def ema_sweep(run_dir, outdir, stds, samples, steps, device, nimg, from_stds, ma
     _note_dropped(dropped)
     device = str(resolve_device(device))
     outdir = Path(outdir) if outdir else Path(run_dir) / "ema-sweep"
-    result = sweep(run_dir, outdir, values, DigitsQuality(DigitsJudge(), samples, steps, device), key="fd",
+    metric, name = quality_for_run(run_dir, samples, steps, device, judge_path, data, judge_images, click.echo)
+    result = sweep(run_dir, outdir, values, metric, key="fd",
                    nimg=nimg, input_stds=inputs, max_error=max_error, allow_gaps=allow_gaps,
                    skip_unsupported=":" in stds, secondary="accuracy",
-                   title=f"digits: Frechet distance vs EMA length ({samples} samples)", echo=click.echo)
+                   title=f"{name}: Frechet distance vs EMA length ({samples} samples)", echo=click.echo)
     click.echo("sigma_rel  profile error  Frechet distance  class accuracy")
     for r in result.rows:
         mark = "  <- best" if r is result.best else ""

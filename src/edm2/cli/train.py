@@ -8,20 +8,29 @@ import sys
 import click
 
 from edm2.cli.app import friendly_errors, main, one_voice
-from edm2.cli.params import NIMG, parse_floats
+from edm2.cli.params import BUDGET, NIMG, parse_floats
 
 
 @main.command()
 @click.option("--outdir", required=True, type=click.Path(file_okay=False), help="Run folder (resumes if it exists).")
 @click.option("--data", default="digits", show_default=True,
               help="Folder or .zip of images or latents (`edm2 dataset`), .npz, or 'digits'.")
-@click.option("--preset", default="cpu-digits8", show_default=True, help="Network and recipe; see `edm2 info`.")
+@click.option("--preset", help="Network and recipe (see `edm2 info`), or 'auto': chosen for the data and the "
+                                "hardware.  [default: cpu-digits8 for the digits, auto for other data]")
 @click.option("--cond/--uncond", default=True, show_default=True, help="Class-conditional training.")
-@click.option("--duration", type=NIMG, help="Training length in images (e.g. 2Mi).  [default: preset]")
+@click.option("--duration", type=NIMG, help="Training length in images (e.g. 2Mi); the schedule follows it.  "
+                                            "[default: preset]")
+@click.option("--budget", type=BUDGET, help="Train for this long instead (e.g. 15min, 2h): the duration is planned "
+                                            "from the throughput of the first steps.")
+@click.option("--budget-clock", type=click.Choice(["wall", "cpu"]), default="wall", show_default=True,
+              help="What --budget counts: elapsed time or this process's CPU time.")
+@click.option("--rampup", type=NIMG, help="Learning-rate warm-up in images.  [default: preset, or 0.466 % of a "
+                                          "--duration/--budget]")
 @click.option("--batch", type=int, help="Total batch size.  [default: preset]")
 @click.option("--batch-gpu", type=int, help="Micro-batch per process; smaller than the batch accumulates gradients.")
 @click.option("--lr", type=float, help="Reference learning rate alpha_ref.  [default: preset]")
-@click.option("--decay", type=float, help="Learning-rate decay start t_ref, in batches.  [default: preset]")
+@click.option("--decay", type=float, help="Learning-rate decay start t_ref, in batches.  [default: preset, or "
+                                          "6.68 % of a --duration/--budget]")
 @click.option("--dropout", type=float, help="Dropout probability.  [default: preset]")
 @click.option("--P-mean", "P_mean", type=float, help="Mean of ln(sigma) during training.  [default: preset]")
 @click.option("--P-std", "P_std", type=float, help="Std of ln(sigma) during training.  [default: preset]")
@@ -49,26 +58,30 @@ from edm2.cli.params import NIMG, parse_floats
               help="Data loading processes per training process.  [default: 2 for data on disk, 0 in memory]")
 @click.option("--dry-run", is_flag=True, help="Validate and print the resolved options, then exit.")
 @friendly_errors
-def train(outdir, data, preset, cond, duration, batch, batch_gpu, lr, decay, dropout, P_mean, P_std, status,
-          snapshot, checkpoint, ema_stds, augment, ema, seed, device, precision, compile_net, allow_tf32, xflip,
-          max_size, latent_stats, workers, dry_run) -> None:
+def train(outdir, data, preset, cond, duration, budget, budget_clock, rampup, batch, batch_gpu, lr, decay, dropout,
+          P_mean, P_std, status, snapshot, checkpoint, ema_stds, augment, ema, seed, device, precision, compile_net,
+          allow_tf32, xflip, max_size, latent_stats, workers, dry_run) -> None:
     """Train a model (or resume the run in OUTDIR). Under torchrun, data-parallel over the processes."""
     from edm2.complexity import count_complexity
     from edm2.data import open_dataset
     from edm2.options import TrainOptions, resolve_run
+    from edm2.recipes import budget_clock as budget_clock_fn
     from edm2.runtime import distributed
+    from edm2.training import plan_budget
     from edm2.training import train as run_training
 
     stds = None if ema_stds is None else tuple(parse_floats(ema_stds, "--ema-stds"))
-    opts = TrainOptions(outdir=outdir, data=data, preset=preset, cond=cond, duration=duration, batch=batch,
-                        batch_gpu=batch_gpu, lr=lr, decay=decay, dropout=dropout, P_mean=P_mean, P_std=P_std,
-                        status=status, snapshot=snapshot, checkpoint=checkpoint, ema_stds=stds, seed=seed,
-                        device=device, precision=precision, compile=compile_net, allow_tf32=allow_tf32,
-                        augment=augment, ema=ema, xflip=xflip, max_size=max_size, latent_stats=latent_stats,
-                        workers=workers)
+    opts = TrainOptions(outdir=outdir, data=data, preset=preset, cond=cond, duration=duration, budget=budget,
+                        budget_clock=budget_clock, rampup=rampup, batch=batch, batch_gpu=batch_gpu, lr=lr, decay=decay,
+                        dropout=dropout, P_mean=P_mean, P_std=P_std, status=status, snapshot=snapshot,
+                        checkpoint=checkpoint, ema_stds=stds, seed=seed, device=device, precision=precision,
+                        compile=compile_net, allow_tf32=allow_tf32, augment=augment, ema=ema, xflip=xflip,
+                        max_size=max_size, latent_stats=latent_stats, workers=workers)
     with one_voice(), distributed(device) as (rank, _):
         if dry_run:
-            run = resolve_run(opts, open_dataset(data, progress=rank == 0))
+            dataset = open_dataset(data, progress=rank == 0)
+            plan = None if budget is None else plan_budget(opts, dataset, None, budget_clock_fn(budget_clock)())
+            run = resolve_run(opts, dataset, plan=plan)
             c = count_complexity(run.network_config())
             if rank == 0:
                 click.echo(json.dumps({**run.to_dict(), "parameters": c.parameters, "gflops": round(c.gflops, 3)},
