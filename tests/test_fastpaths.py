@@ -265,7 +265,7 @@ def test_precision_validation():
 # 20 steps of the minimal network with a learning rate high enough that the network changes noticeably
 # (the loss falls by a third); a status line (mean loss) after every step.
 BF16_RUN = dict(data="digits", preset="cpu-tiny8", batch=16, duration=16 * 20, status=16, snapshot=16 * 20,
-                checkpoint=16 * 20, seed=3, device="cpu", lr=0.3)
+                checkpoint=16 * 20, seed=3, device="cpu", lr=0.3, decay=1000, rampup=10_000)  # the preset's schedule
 
 
 def _losses(outdir: Path) -> np.ndarray:
