@@ -115,7 +115,8 @@ def plot(rows: list[dict], path: Path) -> None:
     from edm2.checkpoint import atomic_output
 
     names = sorted({r["dataset"] for r in rows})
-    colours = {recipe: f"C{i}" for i, recipe in enumerate(sorted({r["recipe"] for r in rows}))}
+    recipes = sorted({r["recipe"] for r in rows}, key=lambda r: (r not in ("before", "after"), r))
+    colours = {recipe: plt.get_cmap("tab20")((2 * i) % 20 + (2 * i) // 20 % 2) for i, recipe in enumerate(recipes)}
     fig, axes = plt.subplots(2, len(names), figsize=(5 * len(names), 6.5), dpi=110, squeeze=False)
     for col, name in enumerate(names):
         for recipe in sorted({r["recipe"] for r in rows if r["dataset"] == name}):
