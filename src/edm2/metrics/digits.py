@@ -15,7 +15,7 @@ import torch
 
 from edm2.metrics.frechet import frechet_distance
 
-__all__ = ["DigitsJudge", "JudgeReport", "DigitsQuality"]
+__all__ = ["DigitsJudge", "JudgeReport", "DigitsQuality", "class_samples"]
 
 
 @dataclass
@@ -72,16 +72,27 @@ class DigitsQuality:
 
     def __call__(self, path: Path) -> dict[str, float]:
         from edm2.checkpoint import load_network
-        from edm2.generate import sample_batch
-        from edm2.sampling import SamplerSettings
 
         net, _ = load_network(path, self.device)
         if (net.img_resolution, net.img_channels, net.label_dim) != (8, 1, 10):
             raise ValueError(f"{path}: the digits metric needs an 8x8 grayscale model with 10 classes, this one is "
                              f"{net.img_resolution}x{net.img_resolution}x{net.img_channels} with {net.label_dim}")
-        seeds = list(range(self.num_samples))
-        classes = [s % 10 for s in seeds]
-        images, _ = sample_batch(net, seeds, class_idx=classes, settings=SamplerSettings(num_steps=self.num_steps),
-                                 device=self.device)
-        report = self.judge.evaluate(images.cpu(), np.array(classes))
+        images, classes = class_samples(net, self.num_samples, self.num_steps, self.device)
+        report = self.judge.evaluate(images, classes)
         return {"fd": report.fd, "accuracy": report.accuracy}
+
+
+def class_samples(net: torch.nn.Module, num_samples: int, num_steps: int, device: str = "cpu",
+                  batch: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """(images on the CPU, classes) of seeds 0..num_samples-1, seed i of class i mod `net.label_dim`, sampled
+    with `num_steps` Heun steps in batches of `batch` (None: one batch): what the judges measure."""
+    from edm2.generate import sample_batch
+    from edm2.sampling import SamplerSettings
+
+    seeds = list(range(num_samples))
+    classes = [s % net.label_dim for s in seeds]
+    batch = batch or max(1, num_samples)
+    parts = [sample_batch(net, seeds[i:i + batch], class_idx=classes[i:i + batch],
+                          settings=SamplerSettings(num_steps=num_steps), device=device)[0].cpu()
+             for i in range(0, num_samples, batch)]
+    return torch.cat(parts), np.array(classes)

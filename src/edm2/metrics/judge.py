@@ -19,7 +19,7 @@ from torch import nn
 
 from edm2.checkpoint import load_tensors, save_tensors
 from edm2.data import ImageDataset, to_model_space
-from edm2.metrics.digits import JudgeReport
+from edm2.metrics.digits import JudgeReport, class_samples
 from edm2.metrics.frechet import frechet_distance
 
 __all__ = ["JudgeNet", "Judge", "train_judge", "JudgeQuality", "quality_for_run", "FEATURES", "JUDGE_FILE"]
@@ -157,8 +157,6 @@ class JudgeQuality:
 
     def __call__(self, path: Path) -> dict[str, float]:
         from edm2.checkpoint import load_network
-        from edm2.generate import sample_batch
-        from edm2.sampling import SamplerSettings
 
         net, _ = load_network(path, self.device)
         j = self.judge.net
@@ -166,14 +164,8 @@ class JudgeQuality:
             raise ValueError(f"{path}: the model makes {net.img_resolution}x{net.img_resolution}x{net.img_channels} "
                              f"images of {net.label_dim} classes but the judge takes {j.resolution}x{j.resolution}x"
                              f"{j.channels} of {j.num_classes}; train a judge on the model's dataset")
-        seeds = list(range(self.num_samples))
-        classes = [s % net.label_dim for s in seeds]
-        parts = []
-        for start in range(0, len(seeds), self.batch):
-            images, _ = sample_batch(net, seeds[start:start + self.batch], class_idx=classes[start:start + self.batch],
-                                     settings=SamplerSettings(num_steps=self.num_steps), device=self.device)
-            parts.append(images.cpu())
-        report = self.judge.evaluate(torch.cat(parts), np.array(classes))
+        images, classes = class_samples(net, self.num_samples, self.num_steps, self.device, self.batch)
+        report = self.judge.evaluate(images, classes)
         return {"fd": report.fd, "accuracy": report.accuracy}
 
 
