@@ -13,7 +13,8 @@ the judge's feature space are reported. Recipes:
   per level), for colour the old cpu-rgb32 preset (C=64, four levels); batch 128, lr 0.01, decay 5000 batches,
   warm-up 50000 images, EMAs 0.05/0.10, whatever the budget (the same snapshot density as `after`);
 - `after`: `--preset auto --budget B`, nothing else;
-- `after:lr=0.02,batch=32,P_mean=-0.4,...`: `after` with options changed (the sweep in docs/recipes.md).
+- `after:lr=0.02,batch=32,P_mean=-0.4,...`: `after` with options changed (the sweep in docs/recipes.md); in
+  `--recipes` a `key=value` without a recipe name belongs to the recipe before it.
 
 Results go to `--work` as they come (a rerun skips finished cells) and the JSON document to stdout; the plot
 (`--plot`) shows Frechet distance and accuracy against the budget per dataset and recipe.
@@ -69,6 +70,18 @@ def recipe_options(recipe: str, data: Path, channels: int, budget_s: float, outd
     return opts
 
 
+def split_recipes(text: str) -> list[str]:
+    """`before,after:lr=0.02,batch=32,after` -> ['before', 'after:lr=0.02,batch=32', 'after']: a `key=value`
+    piece without a recipe name continues the recipe before it."""
+    recipes: list[str] = []
+    for piece in text.split(","):
+        if ":" not in piece and "=" in piece and recipes and recipes[-1].startswith("after"):
+            recipes[-1] += ("," if ":" in recipes[-1] else ":") + piece
+        else:
+            recipes.append(piece)
+    return recipes
+
+
 def judge_for(name: str, work: Path, images: int) -> tuple[Path, Judge]:
     kind, res = DATASETS[name]
     data = dataset_file(kind, res, images, work / "data")
@@ -107,6 +120,7 @@ def run_cell(name: str, data: Path, judge: Judge, budget_min: float, recipe: str
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Frechet distance and accuracy against the budget, a line per recipe measured at more than one budget."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,6 +128,10 @@ def plot(rows: list[dict], path: Path) -> None:
 
     from edm2.checkpoint import atomic_output
 
+    budgets = {}
+    for r in rows:
+        budgets.setdefault(r["recipe"], set()).add(r["budget_min"])
+    rows = [r for r in rows if len(budgets[r["recipe"]]) > 1] or rows  # one-budget sweep cells: in the JSON
     names = sorted({r["dataset"] for r in rows})
     recipes = sorted({r["recipe"] for r in rows}, key=lambda r: (r not in ("before", "after"), r))
     colours = {recipe: plt.get_cmap("tab20")((2 * i) % 20 + (2 * i) // 20 % 2) for i, recipe in enumerate(recipes)}
@@ -160,7 +178,7 @@ def main() -> None:
         data, judge = judge_for(name, work, args.images)
         judges[name] = {"data": str(data), "real_accuracy": judge.real_accuracy}
         for budget in (float(b) for b in args.budgets.split(",")):
-            for recipe in args.recipes.split(","):
+            for recipe in split_recipes(args.recipes):
                 key = (name, budget, recipe, args.samples, args.steps)
                 if any((d["dataset"], d["budget_min"], d["recipe"], d["samples"], d["heun_steps"]) == key
                        for d in done):

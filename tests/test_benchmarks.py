@@ -23,3 +23,17 @@ def test_gpu_check_runs_without_cuda_and_says_what_it_skipped(tmp_path):
         assert {status[name] for name in cuda_checks} == {"skipped"} and len(cuda_checks) >= 10
         assert set(summary["skipped"]) == set(cuda_checks)
         assert "no CUDA device" in proc.stdout
+
+
+def test_bench_recipes_reads_recipes_with_several_changes():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    try:
+        from bench_recipes import recipe_options, split_recipes
+    finally:
+        sys.path.pop(0)
+    assert split_recipes("before,after:batch=64,lr=0.02,after,after:decay=1e9") == [
+        "before", "after:batch=64,lr=0.02", "after", "after:decay=1e9"]
+    opts = recipe_options("after:batch=64,lr=0.02", Path("d.npz"), 1, 60.0, Path("out"))
+    assert (opts.batch, opts.lr, opts.budget, opts.preset) == (64, 0.02, 60.0, None)

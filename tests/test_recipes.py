@@ -115,7 +115,7 @@ def test_a_duration_scales_the_schedule_and_user_values_win():
     ds = fake(32, 1)
     run = resolve_run(TrainOptions(outdir="x", data="fake", preset="cpu-gray32", duration=12 * Ki, device="cpu"),
                       ds, world=1)
-    assert run.decay == pytest.approx(DECAY_SHARE * 12 * Ki / 64, rel=1e-5)
+    assert run.decay == pytest.approx(DECAY_SHARE * 12 * Ki / 32, rel=1e-5)
     assert run.rampup_Mimg * 1e6 == pytest.approx(round(RAMPUP_SHARE * 12 * Ki))
     assert run.provenance["decay"]["source"] == "derived" and run.provenance["duration"]["source"] == "user"
     run = resolve_run(TrainOptions(outdir="x", data="fake", preset="cpu-gray32", duration=12 * Ki, decay=30,
@@ -183,7 +183,7 @@ def test_cli_preset_auto_is_the_default_for_other_data_and_rampup_is_settable(tm
     opts = json.loads(result.stdout)
     assert opts["preset"] == "cpu-gray32" and opts["provenance"]["preset"]["source"] == "auto"
     assert opts["rampup_Mimg"] == 2048 / 1e6 and opts["provenance"]["rampup"] == {"value": 2048, "source": "user"}
-    assert opts["decay"] == pytest.approx(DECAY_SHARE * 8 * Ki / 64, rel=1e-5)
+    assert opts["decay"] == pytest.approx(DECAY_SHARE * 8 * Ki / 32, rel=1e-5)
     assert not (tmp_path / "out").exists()
 
 

@@ -29,8 +29,8 @@ from edm2.cli.params import BUDGET, NIMG, parse_floats
 @click.option("--batch", type=int, help="Total batch size.  [default: preset]")
 @click.option("--batch-gpu", type=int, help="Micro-batch per process; smaller than the batch accumulates gradients.")
 @click.option("--lr", type=float, help="Reference learning rate alpha_ref.  [default: preset]")
-@click.option("--decay", type=float, help="Learning-rate decay start t_ref, in batches.  [default: preset, or "
-                                          "6.68 % of a --duration/--budget]")
+@click.option("--decay", type=float, help="Learning-rate decay start t_ref, in batches; 0: no decay.  [default: "
+                                          "preset, or 6.68 % of a --duration/--budget]")
 @click.option("--dropout", type=float, help="Dropout probability.  [default: preset]")
 @click.option("--P-mean", "P_mean", type=float, help="Mean of ln(sigma) during training.  [default: preset]")
 @click.option("--P-std", "P_std", type=float, help="Std of ln(sigma) during training.  [default: preset]")
