@@ -362,3 +362,15 @@ def test_lock_in_process(tmp_path):
     assert list(tmp_path.iterdir()) == []
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_scratch_folder_lives_beside_the_target_and_goes_away_even_on_error(tmp_path):
+    target = tmp_path / "not" / "yet" / "run"  # its nearest existing parent is tmp_path
+    with checkpoint.scratch_folder(target) as folder:
+        assert folder.parent == tmp_path and folder.is_dir()
+        (folder / "file").write_text("x")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError):
+        with checkpoint.scratch_folder(target) as folder:
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []

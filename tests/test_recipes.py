@@ -13,13 +13,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import edm2.posthoc
+import edm2.training
 from edm2.cli import main
 from edm2.cli.params import parse_budget
 from edm2.data import ImageDataset
 from edm2.networks import Precond
 from edm2.options import TrainOptions, resolve_run
 from edm2.presets import PRESETS
-from edm2.recipes import choose_preset, derive_schedule
+from edm2.recipes import RunCosts, choose_preset, derive_schedule, plan_duration
 from edm2.training import train
 
 Ki, Mi = 1 << 10, 1 << 20
@@ -212,9 +214,49 @@ def test_parse_budget():
             parse_budget(bad)
 
 
-def test_budget_run_ends_within_its_margin_and_resumes(tmp_path):
+def test_plan_pays_for_setup_and_writes_before_steps():
+    # 100 s budget, 10 s gone, 5 % kept back: 85.5 s for setup (5 s), 10 snapshots of 1 s, 5 checkpoints of 2 s
+    # and steps of 32 x 0.01 s = 0.32 s: (85.5 - 25) / 0.32 = 189.06, so 189 whole steps.
+    costs = RunCosts(seconds_per_image=0.01, first_step=0.5, setup=5, snapshot=1, checkpoint=2)
+    plan = plan_duration(100, "cpu", 10, costs, 32, lambda duration: (10, 5))
+    assert (plan.duration, plan.overhead) == (189 * 32, 25)
+    assert plan_duration(100, "cpu", 10, costs, 32).duration == int((85.5 - 5) / 0.32) * 32
+
+    # Writes that grow with the run (a snapshot every 20 steps and at the end): the most steps that fit, found
+    # by trying every count.
+    def writes(duration):
+        return duration // (20 * 32) + 1, 1
+
+    def fits(n):
+        return 5 + n * 0.32 + writes(n * 32)[0] * 1 + 2 <= 85.5
+    best = max(n for n in range(1, 400) if fits(n))
+    assert plan_duration(100, "cpu", 10, costs, 32, writes).duration == best * 32
+    with pytest.raises(ValueError, match="too short"):
+        plan_duration(30, "cpu", 10, costs, 32, lambda duration: (10, 5))
+
+
+def burn_cpu(seconds: float) -> None:
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+def slowed(fn, seconds: float):
+    def slow(*args, **kwargs):
+        burn_cpu(seconds)
+        return fn(*args, **kwargs)
+    return slow
+
+
+@pytest.mark.parametrize("write_cost", [0.0, 0.05])
+def test_budget_run_ends_within_its_margin_and_resumes(tmp_path, monkeypatch, write_cost):
     # 6 s of single-thread CPU time on the minimal network: the whole call (loading, measuring, training,
-    # snapshots and checkpoints) must end within -20 % / +15 % of the budget.
+    # snapshots and checkpoints) must end within -20 % / +15 % of the budget; also when every snapshot and
+    # checkpoint costs 50 ms more (as on a slow file system: some 2 s in all, a third of the budget).
+    if write_cost:
+        monkeypatch.setattr(edm2.posthoc, "save_snapshot", slowed(edm2.posthoc.save_snapshot, write_cost))
+        monkeypatch.setattr(edm2.training, "save_training_state", slowed(edm2.training.save_training_state,
+                                                                          write_cost))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -225,9 +267,12 @@ def test_budget_run_ends_within_its_margin_and_resumes(tmp_path):
         used = time.process_time() - start
         assert result["status"] == "finished"
         assert 0.8 * 6 <= used <= 1.15 * 6, used
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the timed writes left nothing behind
         run = json.loads((tmp_path / "run" / "training_options.json").read_text())
         plan = run["budget"]
         assert plan["seconds"] == 6 and plan["clock"] == "cpu"
+        writes = 2 * (run["duration"] // run["snapshot"] + 1) + run["duration"] // run["checkpoint"] + 1
+        assert plan["overhead"] > writes * write_cost  # two EMAs a snapshot, each interval and the end
         assert run["duration"] == plan["duration"] == result["nimg"]
         assert run["provenance"]["duration"]["source"] == "budget"
         assert run["decay"] == pytest.approx(DECAY_SHARE * run["duration"] / run["batch"], rel=1e-5)

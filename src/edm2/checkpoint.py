@@ -37,7 +37,7 @@ from edm2.presets import EDMNetworkConfig, NetworkConfig
 
 __all__ = [
     "FORMAT", "VERSION", "OPTIONS_FILE", "LOG_FILE", "STATS_FILE", "LOCK_FILE", "KEEP_CHECKPOINTS",
-    "atomic_output", "atomic_write_text", "remove_stale_temps",
+    "atomic_output", "atomic_write_text", "remove_stale_temps", "scratch_folder",
     "checkpoint_filename", "snapshot_filename", "posthoc_filename", "ema_snapshot_filename", "find_checkpoints",
     "save_tensors", "load_tensors", "read_metadata", "Snapshot", "save_snapshot", "load_snapshot",
     "load_network", "save_training_state", "load_training_state", "RunLock", "check_run_folder",
@@ -92,6 +92,17 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
 
 # ----------------------------------------------------------------------------------------------------
 # Names.
+
+
+@contextlib.contextmanager
+def scratch_folder(beside: str | Path) -> Iterator[Path]:
+    """A temporary folder on the file system of `beside` (in its nearest existing parent), removed on leaving:
+    for writes that are only timed or tried."""
+    parent = Path(beside).absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    with tempfile.TemporaryDirectory(prefix=".edm2-scratch-", dir=parent) as folder:
+        yield Path(folder)
 
 
 def checkpoint_filename(nimg: int) -> str:

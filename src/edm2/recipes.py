@@ -24,7 +24,7 @@ from edm2.presets import PRESETS, Preset
 
 __all__ = ["DECAY_FRACTION", "RAMPUP_FRACTION", "SNAPSHOTS_PER_RUN", "STATUS_PER_RUN", "CHECKPOINTS_PER_RUN",
            "SOURCES", "Setting", "derive_schedule", "resolve_schedule", "AutoRow", "AUTO_TABLE", "choose_preset",
-           "BudgetPlan", "CLOCKS", "budget_clock", "plan_duration", "describe"]
+           "RunCosts", "BudgetPlan", "CLOCKS", "budget_clock", "plan_duration", "describe"]
 
 Ki, Mi = 1 << 10, 1 << 20
 
@@ -185,39 +185,68 @@ def budget_clock(name: str) -> Callable[[], float]:
 
 
 @dataclass(frozen=True)
+class RunCosts:
+    """What the time of a run goes to, measured on the budget's clock on a throw-away copy of it: seconds per
+    image of training steps (EMA updates included), the first step, building the run (network, optimizer, data),
+    one snapshot (every tracked EMA) and one checkpoint."""
+
+    seconds_per_image: float
+    first_step: float
+    setup: float = 0.0
+    snapshot: float = 0.0
+    checkpoint: float = 0.0
+
+    def overhead(self, snapshots: int, checkpoints: int) -> float:
+        """Seconds spent outside the steps by a run that writes `snapshots` and `checkpoints` times."""
+        return self.setup + snapshots * self.snapshot + checkpoints * self.checkpoint
+
+
+@dataclass(frozen=True)
 class BudgetPlan:
     """A time budget turned into a duration: the throughput measured in the first steps, the time spent before
-    training, and the number of images that fit in what is left (less a reserve for the final writes)."""
+    training, the time the run's setup and writes will take, and the number of images that fit in what is left
+    (less a reserve)."""
 
     seconds: float
     clock: str
     seconds_per_image: float
     elapsed: float  # budget time used before the first real step (loading, calibration)
     duration: int
+    overhead: float = 0.0  # budget time set aside for building the run and writing snapshots and checkpoints
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> BudgetPlan:
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
-BUDGET_RESERVE = 0.05  # fraction of the budget kept for snapshots, checkpoints and logging
+BUDGET_RESERVE = 0.05  # fraction of the budget kept for logging and the noise of the measurement
 
 
-def plan_duration(seconds: float, clock: str, elapsed: float, seconds_per_image: float, batch: int,
-                  first_step: float) -> BudgetPlan:
-    """The number of images (whole batches) that fit in the `seconds` left after `elapsed`, at the measured
-    `seconds_per_image`. ValueError when not one step fits (`first_step`: the time of the first step)."""
+def plan_duration(seconds: float, clock: str, elapsed: float, costs: RunCosts, batch: int,
+                  writes: Callable[[int], tuple[int, int]] = lambda duration: (0, 0)) -> BudgetPlan:
+    """The most images (whole batches) whose steps, setup and writes (`costs`; `writes(duration)` gives the
+    number of snapshots and checkpoints a run of that duration makes) fit in the `seconds` left after `elapsed`,
+    less a reserve. ValueError when not one step fits."""
     usable = (seconds - elapsed) * (1 - BUDGET_RESERVE)
-    steps = math.floor(usable / (seconds_per_image * batch)) if usable > 0 else 0
-    if steps < 1:
-        step = max(first_step, seconds_per_image * batch)
-        raise ValueError(f"--budget {seconds:g}s is too short: one training step of {batch} images takes {step:.2g} s "
-                         f"on this machine ({elapsed:.2g} s went to loading and measuring); give a longer --budget "
-                         "or a smaller --batch")
-    return BudgetPlan(float(seconds), clock, float(seconds_per_image), float(elapsed), steps * batch)
+    step = costs.seconds_per_image * batch
+
+    def overhead(steps: int) -> float:
+        return costs.overhead(*writes(steps * batch))
+
+    low, high = 0, max(0, math.floor((usable - costs.setup) / step))  # the writes only take steps away
+    while low < high:  # the most steps that fit: what fits grows with the steps, the writes hardly change
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if mid * step + overhead(mid) <= usable else (low, mid - 1)
+    if low < 1:
+        raise ValueError(f"--budget {seconds:g}s is too short: one training step of {batch} images takes "
+                         f"{max(costs.first_step, step):.2g} s on this machine ({elapsed:.2g} s went to loading and "
+                         f"measuring, {overhead(1):.2g} s would go to setup and writes); give a longer --budget or "
+                         "a smaller --batch")
+    return BudgetPlan(float(seconds), clock, float(costs.seconds_per_image), float(elapsed), low * batch,
+                      float(overhead(low)))
 
 
 def describe(provenance: Mapping[str, Mapping]) -> list[str]:

@@ -14,6 +14,7 @@ run up to float summation order, and resumes under any number of processes. Rank
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,17 +33,17 @@ from edm2.checkpoint import (
     load_training_state,
     remove_stale_temps,
     save_training_state,
+    scratch_folder,
 )
 from edm2.data import BatchStream, Encoder, StandardRGBEncoder, encoder_from_dict, open_dataset
 from edm2.edm_losses import EDM_LOSSES, EDMLoss
-from edm2.ema import PowerFunctionEMA
 from edm2.ema_trackers import EMATrackers, TraditionalEMATracker
 from edm2.layers import force_weight_normalization_
 from edm2.losses import EDM2Loss
 from edm2.networks import Precond, build_network
 from edm2.options import RunConfig, TrainOptions, resolve_run
 from edm2.posthoc import PosthocEMA
-from edm2.recipes import BudgetPlan, budget_clock, describe, plan_duration
+from edm2.recipes import BudgetPlan, RunCosts, budget_clock, describe, plan_duration
 from edm2.runlog import RunLog
 from edm2.runtime import (
     STOP_NONE,
@@ -57,7 +58,7 @@ from edm2.runtime import (
 )
 
 __all__ = ["learning_rate_schedule", "make_adam", "sanitize_gradients", "ADAM_BETAS", "ADAM_EPS", "Trainer",
-           "setup", "train_step", "train", "TrainOptions", "RunConfig", "resolve_run", "measure_throughput",
+           "setup", "train_step", "train", "TrainOptions", "RunConfig", "resolve_run", "measure_costs",
            "plan_budget"]
 
 ADAM_BETAS = (0.9, 0.99)
@@ -259,41 +260,58 @@ def _agree(value, world: int):
     return value
 
 
-def measure_throughput(run: RunConfig, dataset, device: torch.device, clock, seconds: float,
-                       deadline: float) -> tuple[float, float]:
-    """(seconds per image, seconds of the first step) of training steps with EMA updates, on a network built for
-    the purpose and thrown away (the run itself starts afresh). The first step is timed alone (allocations,
-    compilation), then at least 3 more, for about `seconds` of `clock`. ValueError when the first step ends after
+def measure_costs(run: RunConfig, dataset, device: torch.device, clock, seconds: float, deadline: float,
+                  scratch: Path) -> RunCosts:
+    """What the run's time goes to (`RunCosts`), measured on `clock` on a copy of the run built for the purpose
+    and thrown away (the run itself starts afresh): building it (a second time: the first pays one-time costs
+    such as lazy imports), the first step alone, then at least 5 more steps with EMA updates for about `seconds`,
+    one snapshot and one checkpoint written into `scratch` (rank 0). ValueError when the first step ends after
     `deadline`."""
-    t = setup(run, dataset, device)
-    ema = PowerFunctionEMA(t.net, run.ema_stds)
+    rank, world = world_info()
+    run = dataclasses.replace(run, snapshot=None)  # no snapshot during the steps: one is timed on its own
+    setup(run, dataset, device)
+    start = clock()
+    t = setup(run, dataset, device, scratch)
+    setup_time = clock() - start
     nimg = 0
 
     def step() -> None:
         nonlocal nimg
         loss, _ = train_step(t, nimg, t.data.micro_batches(nimg))
         nimg += run.batch
-        ema.update(nimg, run.batch)
+        if t.ema is not None:
+            t.ema.update(nimg)
         float(loss)  # waits for queued device work
 
     with fast_paths_for(run.precision, run.compile):
         start = clock()
         step()
         first = clock() - start
-        if _agree(clock() > deadline, world_info()[1]):
+        if _agree(clock() > deadline, world):
             raise ValueError(f"--budget is too short for one training step: the first step of {run.batch} images took "
                              f"{first:.2g} s; give a longer --budget or a smaller --batch")
-        count = _agree(max(3, min(50, int(seconds / max(first, 1e-6)))), world_info()[1])
+        count = _agree(max(5, min(50, int(seconds / max(first, 1e-6)))), world)
         start = clock()
         for _ in range(count):
             step()
         per_image = (clock() - start) / (count * run.batch)
-    return per_image, first
+    snapshot = checkpoint = 0.0
+    if rank == 0:
+        start = clock()
+        if t.ema is not None:
+            t.ema.save_snapshots()
+        snapshot = clock() - start
+        start = clock()
+        save_training_state(scratch, nimg, run.to_dict(), t.net, t.optimizer,
+                            None if t.ema is None else t.ema.state_dict(), t.scaler)
+        checkpoint = clock() - start
+    return _agree(RunCosts(per_image, first, setup_time, snapshot, checkpoint), world)
 
 
 def plan_budget(opts: TrainOptions, dataset, previous: dict | None, started: float) -> BudgetPlan:
     """The duration that fits `opts.budget` (seconds of `opts.budget_clock`, counted from `started`): the plan of
-    the run being resumed when it had the same budget, else measured on this machine (rank 0 decides)."""
+    the run being resumed when it had the same budget, else measured on this machine (rank 0's measurement).
+    The plan pays for the run's setup and for the snapshots and checkpoints of the schedule it derives."""
     if previous is not None:
         old = previous.get("budget")
         if old is None or (old["seconds"], old["clock"]) != (float(opts.budget), opts.budget_clock):
@@ -304,12 +322,18 @@ def plan_budget(opts: TrainOptions, dataset, previous: dict | None, started: flo
     check_run_folder(opts.outdir, {})  # a folder of other files is refused before any time is spent
     world = world_info()[1]
     clock = budget_clock(opts.budget_clock)
-    draft = resolve_run(opts, dataset, world)  # the preset's duration stands in; only the speed matters here
-    deadline = started + opts.budget
-    per_image, first = measure_throughput(draft, dataset, resolve_device(opts.device), clock,
-                                          min(0.02 * opts.budget, 20.0), deadline)
-    plan = plan_duration(opts.budget, opts.budget_clock, clock() - started, per_image, draft.batch, first)
-    return _agree(plan, world)
+    draft = resolve_run(opts, dataset, world)  # the preset's duration stands in; only the costs matter here
+    with scratch_folder(opts.outdir) as scratch:  # the timed writes go to the file system of the run
+        costs = measure_costs(draft, dataset, resolve_device(opts.device), clock, min(0.03 * opts.budget, 20.0),
+                              started + opts.budget, scratch)
+
+    def writes(duration: int) -> tuple[int, int]:  # snapshots and checkpoints of the run, the final ones too
+        plan = BudgetPlan(opts.budget, opts.budget_clock, costs.seconds_per_image, 0, duration)
+        run = resolve_run(opts, dataset, world, plan)
+        return (run.duration // run.snapshot + 1 if run.ema_stds or run.edm else 0,
+                run.duration // run.checkpoint + 1)
+
+    return plan_duration(opts.budget, opts.budget_clock, clock() - started, costs, draft.batch, writes)
 
 
 def _previous_options(outdir: Path) -> dict | None:
