@@ -333,7 +333,8 @@ def plan_budget(opts: TrainOptions, dataset, previous: dict | None, started: flo
         return (run.duration // run.snapshot + 1 if run.ema_stds or run.edm else 0,
                 run.duration // run.checkpoint + 1)
 
-    return plan_duration(opts.budget, opts.budget_clock, clock() - started, costs, draft.batch, writes)
+    return _agree(plan_duration(opts.budget, opts.budget_clock, clock() - started, costs, draft.batch, writes),
+                  world)  # each process has its own clock: rank 0's plan holds
 
 
 def _previous_options(outdir: Path) -> dict | None:
