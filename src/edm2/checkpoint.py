@@ -90,10 +90,6 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
     return stale
 
 
-# ----------------------------------------------------------------------------------------------------
-# Names.
-
-
 @contextlib.contextmanager
 def scratch_folder(beside: str | Path) -> Iterator[Path]:
     """A temporary folder on the file system of `beside` (in its nearest existing parent), removed on leaving:
@@ -103,6 +99,10 @@ def scratch_folder(beside: str | Path) -> Iterator[Path]:
         parent = parent.parent
     with tempfile.TemporaryDirectory(prefix=".edm2-scratch-", dir=parent) as folder:
         yield Path(folder)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Names.
 
 
 def checkpoint_filename(nimg: int) -> str:

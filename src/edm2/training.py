@@ -295,12 +295,12 @@ def measure_costs(run: RunConfig, dataset, device: torch.device, clock, seconds:
         for _ in range(count):
             step()
         per_image = (clock() - start) / (count * run.batch)
-    snapshot = checkpoint = 0.0
+    snapshot = checkpoint = 0.0  # a run without EMAs writes no snapshot
     if rank == 0:
-        start = clock()
         if t.ema is not None:
+            start = clock()
             t.ema.save_snapshots()
-        snapshot = clock() - start
+            snapshot = clock() - start
         start = clock()
         save_training_state(scratch, nimg, run.to_dict(), t.net, t.optimizer,
                             None if t.ema is None else t.ema.state_dict(), t.scaler)
@@ -330,8 +330,7 @@ def plan_budget(opts: TrainOptions, dataset, previous: dict | None, started: flo
     def writes(duration: int) -> tuple[int, int]:  # snapshots and checkpoints of the run, the final ones too
         plan = BudgetPlan(opts.budget, opts.budget_clock, costs.seconds_per_image, 0, duration)
         run = resolve_run(opts, dataset, world, plan)
-        return (run.duration // run.snapshot + 1 if run.ema_stds or run.edm else 0,
-                run.duration // run.checkpoint + 1)
+        return run.duration // run.snapshot + 1, run.duration // run.checkpoint + 1
 
     return _agree(plan_duration(opts.budget, opts.budget_clock, clock() - started, costs, draft.batch, writes),
                   world)  # each process has its own clock: rank 0's plan holds
