@@ -16,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from collections.abc import Iterable, Iterator, Sequence
+import statistics
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -260,15 +261,27 @@ def _agree(value, world: int):
     return value
 
 
+def _median_time(clock, action: Callable[[], object], repeats: int) -> float:
+    """The median time on `clock` of `repeats` calls of `action`: a burst of slowness on a shared machine during
+    the measurement must not set the pace of a whole run, which repeats each action many times."""
+    times = []
+    for _ in range(repeats):
+        start = clock()
+        action()
+        times.append(clock() - start)
+    return statistics.median(times)
+
+
 def measure_costs(run: RunConfig, dataset, device: torch.device, clock, seconds: float, deadline: float,
                   scratch: Path) -> RunCosts:
     """What the run's time goes to (`RunCosts`), measured on `clock` on a copy of the run built for the purpose
     and thrown away (the run itself starts afresh): building it (a second time: the first pays one-time costs
-    such as lazy imports), the first step alone, then at least 5 more steps with EMA updates for about `seconds`,
-    one snapshot and one checkpoint written into `scratch` (rank 0). ValueError when the first step ends after
-    `deadline`."""
+    such as lazy imports), the first step alone, then the fastest median of 3 to 6 runs of 8 steps with EMA
+    updates (about `seconds` in all), and the median of 3 snapshots and 3 checkpoints written into `scratch`
+    (rank 0).
+    ValueError when the first step ends after `deadline`."""
     rank, world = world_info()
-    run = dataclasses.replace(run, snapshot=None)  # no snapshot during the steps: one is timed on its own
+    run = dataclasses.replace(run, snapshot=None)  # no snapshot during the steps: they are timed on their own
     setup(run, dataset, device)
     start = clock()
     t = setup(run, dataset, device, scratch)
@@ -277,34 +290,30 @@ def measure_costs(run: RunConfig, dataset, device: torch.device, clock, seconds:
 
     def step() -> None:
         nonlocal nimg
-        loss, _ = train_step(t, nimg, t.data.micro_batches(nimg))
+        loss, _ = train_step(t, nimg, next(batches))
         nimg += run.batch
         if t.ema is not None:
             t.ema.update(nimg)
         float(loss)  # waits for queued device work
 
-    with fast_paths_for(run.precision, run.compile):
-        start = clock()
-        step()
-        first = clock() - start
+    with fast_paths_for(run.precision, run.compile), t.data.steps(0) as batches:  # the loop's data path
+        first = _median_time(clock, step, 1)
         if _agree(clock() > deadline, world):
             raise ValueError(f"--budget is too short for one training step: the first step of {run.batch} images took "
                              f"{first:.2g} s; give a longer --budget or a smaller --batch")
-        count = _agree(max(5, min(50, int(seconds / max(first, 1e-6)))), world)
-        start = clock()
-        for _ in range(count):
-            step()
-        per_image = (clock() - start) / (count * run.batch)
+        # The fastest of 3 to 6 medians of 8 steps: a slow spell of a shared machine (here about 1 s, a tenth of
+        # the time) must not set the pace of the whole run, which the 5 % reserve then absorbs.
+        windows = _agree(max(3, min(6, int(seconds / max(first, 1e-6)) // 8)), world)
+        per_image = min(_median_time(clock, step, 8) for _ in range(windows)) / run.batch
+    def save_checkpoint() -> None:
+        ema_state = None if t.ema is None else t.ema.state_dict()
+        save_training_state(scratch, nimg, run.to_dict(), t.net, t.optimizer, ema_state, t.scaler)
+
     snapshot = checkpoint = 0.0  # a run without EMAs writes no snapshot
     if rank == 0:
         if t.ema is not None:
-            start = clock()
-            t.ema.save_snapshots()
-            snapshot = clock() - start
-        start = clock()
-        save_training_state(scratch, nimg, run.to_dict(), t.net, t.optimizer,
-                            None if t.ema is None else t.ema.state_dict(), t.scaler)
-        checkpoint = clock() - start
+            snapshot = _median_time(clock, t.ema.save_snapshots, 3)
+        checkpoint = _median_time(clock, save_checkpoint, 3)
     return _agree(RunCosts(per_image, first, setup_time, snapshot, checkpoint), world)
 
 
