@@ -278,8 +278,7 @@ def measure_costs(run: RunConfig, dataset, device: torch.device, clock, seconds:
     and thrown away (the run itself starts afresh): building it (a second time: the first pays one-time costs
     such as lazy imports), the first step alone, then the fastest median of 3 to 6 runs of 8 steps with EMA
     updates (about `seconds` in all), and the median of 3 snapshots and 3 checkpoints written into `scratch`
-    (rank 0).
-    ValueError when the first step ends after `deadline`."""
+    (rank 0). ValueError when the first step ends after `deadline`."""
     rank, world = world_info()
     run = dataclasses.replace(run, snapshot=None)  # no snapshot during the steps: they are timed on their own
     setup(run, dataset, device)
@@ -305,6 +304,7 @@ def measure_costs(run: RunConfig, dataset, device: torch.device, clock, seconds:
         # the time) must not set the pace of the whole run, which the 5 % reserve then absorbs.
         windows = _agree(max(3, min(6, int(seconds / max(first, 1e-6)) // 8)), world)
         per_image = min(_median_time(clock, step, 8) for _ in range(windows)) / run.batch
+
     def save_checkpoint() -> None:
         ema_state = None if t.ema is None else t.ema.state_dict()
         save_training_state(scratch, nimg, run.to_dict(), t.net, t.optimizer, ema_state, t.scaler)
