@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import edm2.checkpoint as checkpoint
+import edm2.files.base as files_base
 from edm2.checkpoint import (
     Snapshot,
     load_network,
@@ -193,7 +194,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, small_net, monkeypatch
             f.write(b"partial bytes of a big file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "save_file", broken_save_file)
+    monkeypatch.setattr(files_base, "save_file", broken_save_file)
     with pytest.raises(OSError, match="disk full"):
         write_snapshot(path, small_net, nimg=2)
     assert path.read_bytes() == before
@@ -214,7 +215,7 @@ def test_atomic_write_text(tmp_path, monkeypatch):
     def failing_fsync(fd):
         raise OSError("io error")
 
-    monkeypatch.setattr(checkpoint.os, "fsync", failing_fsync)
+    monkeypatch.setattr(files_base.os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="io error"):
         checkpoint.atomic_write_text(path, "newer\n")
     assert path.read_text() == "new\n"
@@ -260,7 +261,7 @@ def test_every_writer_is_atomic(writer, tmp_path, monkeypatch):
     def failing_fsync(fd):  # the file is complete but not yet renamed into place: as a crash at that moment
         raise OSError("killed while writing")
 
-    monkeypatch.setattr(checkpoint.os, "fsync", failing_fsync)
+    monkeypatch.setattr(files_base.os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="killed while writing"):
         write(path)
     assert path.read_bytes() == before
@@ -268,10 +269,10 @@ def test_every_writer_is_atomic(writer, tmp_path, monkeypatch):
 
 
 def test_writers_use_no_other_way_to_the_disk():
-    """Only checkpoint.py renames files into place or makes temporaries, so no writer can bypass it."""
-    src = Path(checkpoint.__file__).parent
+    """Only files/base.py renames files into place or makes temporaries, so no writer can bypass it."""
+    src = Path(files_base.__file__).parent.parent
     for path in src.rglob("*.py"):
-        if path.name == "checkpoint.py":
+        if path == Path(files_base.__file__):
             continue
         text = path.read_text()
         for pattern in ("os.replace(", "os.rename(", "tempfile.", ".replace(path", "mkstemp"):

@@ -117,10 +117,11 @@ def test_two_processes_with_accumulation_match_one_process(reference_run: Path, 
 INTERRUPT_SCRIPT = """
 import json, os, signal, sys
 import edm2.training as T
+import edm2.training.step
 from edm2.runtime import distributed
 
 rank = int(os.environ["RANK"])
-real_schedule = T.learning_rate_schedule
+real_schedule = edm2.training.step.learning_rate_schedule
 
 def schedule(cur_nimg, *args):
     # Only rank 1 is asked to stop, at the start of the step from 48 images; the processes must agree
@@ -129,7 +130,7 @@ def schedule(cur_nimg, *args):
         os.kill(os.getpid(), signal.SIGTERM)
     return real_schedule(cur_nimg, *args)
 
-T.learning_rate_schedule = schedule
+edm2.training.step.learning_rate_schedule = schedule
 with distributed("cpu"):
     result = T.train(T.TrainOptions(outdir=sys.argv[1], **json.loads(sys.argv[2])), progress=False)
 with open(f"{sys.argv[3]}/rank{rank}.json", "w") as f:  # one file per rank: stdout lines may interleave
@@ -264,7 +265,7 @@ def test_batch_not_divisible_by_processes_is_one_line_error(tmp_path: Path) -> N
 
 def test_resume_with_a_number_of_processes_that_cannot_split_the_batch(reference_run: Path, tmp_path: Path,
                                                                        monkeypatch) -> None:
-    import edm2.training as T
+    import edm2.training.loop as T
 
     before = {p.name: p.read_bytes() for p in reference_run.iterdir()}
     monkeypatch.setattr(T, "world_info", lambda: (0, 3))  # as if launched with --nproc-per-node 3

@@ -13,8 +13,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import edm2.posthoc
-import edm2.training
+import edm2.ema.trackers
+import edm2.training.budget
+import edm2.training.loop
 from edm2.cli import main
 from edm2.cli.params import parse_budget
 from edm2.data import ImageDataset
@@ -254,9 +255,9 @@ def test_budget_run_ends_within_its_margin_and_resumes(tmp_path, monkeypatch, wr
     # snapshots and checkpoints) must end within -20 % / +15 % of the budget; also when every snapshot and
     # checkpoint costs 50 ms more (as on a slow file system: some 2 s in all, a third of the budget).
     if write_cost:
-        monkeypatch.setattr(edm2.posthoc, "save_snapshot", slowed(edm2.posthoc.save_snapshot, write_cost))
-        monkeypatch.setattr(edm2.training, "save_training_state", slowed(edm2.training.save_training_state,
-                                                                          write_cost))
+        monkeypatch.setattr(edm2.ema.trackers, "save_snapshot", slowed(edm2.ema.trackers.save_snapshot, write_cost))
+        for module in (edm2.training.loop, edm2.training.budget):  # the run's writes and the measured ones
+            monkeypatch.setattr(module, "save_training_state", slowed(module.save_training_state, write_cost))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -146,7 +146,7 @@ def test_kill_during_checkpoint_write_keeps_previous(reference_run: Path, tmp_pa
     outdir = tmp_path / "torn"
     patch = textwrap.dedent("""
         import os, signal
-        import edm2.checkpoint as ck
+        import edm2.files.base as ck
         real = ck.save_file
         calls = []
         def torn(tensors, path, metadata=None):

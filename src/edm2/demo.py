@@ -8,11 +8,11 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from edm2.checkpoint import atomic_write_text, load_network
+from edm2.ema.sweep import ema_sweep
+from edm2.files import atomic_write_text, load_network
 from edm2.generate import make_grid, sample_batch, save_png
 from edm2.metrics import DigitsJudge, DigitsQuality
 from edm2.sampling import SamplerSettings
-from edm2.sweep import ema_sweep
 from edm2.training import TrainOptions, train
 
 __all__ = ["DEMO_STDS", "run_demo"]

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edm2.checkpoint import atomic_output
 from edm2.data import Encoder, StandardRGBEncoder, encoder_from_dict, to_model_space, to_uint8
+from edm2.files import atomic_output
 from edm2.runtime import fast_paths_for, prepare_for_sampling, set_cuda_math, world_info
 from edm2.sampling import SamplerSettings, StackedRandomGenerator
 

@@ -182,7 +182,7 @@ def _cpu(name: str, description: str, network: NetworkConfig, encoder: str = "St
 
 # The re-tuned CPU recipe: 48 Ki images in batches of 32 (the sweep in docs/recipes.md: twice the steps of batch
 # 64 won at every budget), decay start and warm-up in the official proportions of that duration (6.68 % and
-# 0.466 %, `edm2.recipes`), 32 snapshots of the official EMA lengths.
+# 0.466 %, `edm2.training.recipes`), 32 snapshots of the official EMA lengths.
 _CPU_RECIPE = dict(batch_size=32, duration=48 * Ki, lr=0.0100, decay=102.539, rampup_Mimg=0.000229, P_mean=-0.8,
                    P_std=1.6, ema_stds=(0.05, 0.10), status=768, snapshot=1536, checkpoint=6144)
 

@@ -14,7 +14,7 @@ from edm2.cli.app import friendly_errors, main
 def convert(src, dest) -> None:
     """Convert the official network pickle SRC (EDM2 or EDM network-snapshot-*.pkl, or a post-hoc reconstruction)
     into the edm2 snapshot DEST (.safetensors). The pickle's embedded code is never run; only its data is read."""
-    from edm2.pickle_convert import convert_pickle
+    from edm2.files.pickle_convert import convert_pickle
 
     snap = convert_pickle(src, dest)
     net = snap.network

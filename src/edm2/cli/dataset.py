@@ -66,8 +66,8 @@ def _workers_option(most: int):
 def convert(source, dest, resolution, transform, max_images, channels, workers) -> None:
     """Convert images (labels from dataset.json or class subfolders) to a dataset in the official layout. A zip
     appears only when complete; a folder resumes when the command is run again."""
+    from edm2.data.tool import convert_dataset
     from edm2.data.transforms import parse_resolution
-    from edm2.dataset_tool import convert_dataset
 
     _single_process("convert")
     with _progress() as report:
@@ -109,7 +109,7 @@ def _run_vae_job(job, source, dest, vae, device, batch_size, precision, max_imag
 def encode(source, dest, vae, device, batch_size, precision, max_images, workers) -> None:
     """Encode images to VAE latents (posterior mean and std per image, `.npy`); labels are carried over. Under
     torchrun the batches are split over the processes."""
-    from edm2.dataset_tool import encode_dataset
+    from edm2.data.tool import encode_dataset
 
     _run_vae_job(encode_dataset, source, dest, vae, device, batch_size, precision, max_images, workers)
 
@@ -123,7 +123,7 @@ def encode(source, dest, vae, device, batch_size, precision, max_images, workers
 @friendly_errors
 def decode(source, dest, vae, device, batch_size, precision, max_images, workers) -> None:
     """Decode latents back to PNG images (the posterior mean of each image)."""
-    from edm2.dataset_tool import decode_dataset
+    from edm2.data.tool import decode_dataset
 
     _run_vae_job(decode_dataset, source, dest, vae, device, batch_size, precision, max_images, workers)
 
@@ -136,7 +136,7 @@ def decode(source, dest, vae, device, batch_size, precision, max_images, workers
 def stats(source, dest, workers) -> None:
     """Measure the per-channel mean and std of a dataset's raw latents, for training on another VAE's latents
     (`edm2 train --latent-stats FILE`)."""
-    from edm2.dataset_tool import dataset_stats
+    from edm2.data.tool import dataset_stats
 
     _single_process("stats")
     path = Path(source)

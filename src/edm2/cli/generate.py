@@ -32,8 +32,8 @@ def generate(net_path, outdir, seeds, class_idx, gnet_path, batch_size, grid, de
     snapshot's encoder (the VAE). Under torchrun, the seeds are split over the processes."""
     from tqdm import tqdm
 
-    from edm2.checkpoint import load_network
     from edm2.data import StandardRGBEncoder, encoder_from_dict
+    from edm2.files import load_network
     from edm2.generate import check_same_space, generate_images
     from edm2.runtime import distributed, resolve_device, resolve_precision
 

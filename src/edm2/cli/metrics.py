@@ -67,7 +67,7 @@ def _setup(metrics: list[str], detector_dir: str | None, device: str):
 
 
 def _report(results: dict, results_path: str | None) -> None:
-    from edm2.checkpoint import atomic_write_text
+    from edm2.files import atomic_write_text
 
     for name, value in results.items():
         if isinstance(value, dict):
@@ -178,8 +178,8 @@ def calc(image_path, ref_path, num_images, seed, workers, results_path, metric_l
 def gen(net_path, gnet_path, ref_path, seeds, repeats, seed_stride, outdir, precision, vae, results_path, metric_list,
         detector_dir, device, batch_size, settings) -> None:
     """FID / FD_DINOv2 of a model's samples, generated in batches straight into the feature networks."""
-    from edm2.checkpoint import load_network
     from edm2.data import encoder_from_dict
+    from edm2.files import load_network
     from edm2.metrics.measure import ModelUnderTest, evaluate_model, seed_repeats
     from edm2.metrics.stats import load_reference
     from edm2.runtime import distributed, resolve_device, resolve_precision

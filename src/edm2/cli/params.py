@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import click
 
-from edm2.ema import MAX_SIGMA_REL
+from edm2.ema.power import MAX_SIGMA_REL
 from edm2.sampling import SOLVERS, SamplerSettings
 from edm2.schedules import DISCRETIZATIONS, SCALINGS, SCHEDULES
 

@@ -38,7 +38,7 @@ def _note_dropped(dropped: list[float]) -> None:
 @friendly_errors
 def reconstruct(indir, outdir, stds, std_for, nimg, from_stds, max_error, allow_gaps) -> None:
     """Post-hoc EMA: synthesize EMA lengths at any time from a run's snapshots."""
-    from edm2.reconstruct import EMATarget, posthoc_reconstruct
+    from edm2.ema.reconstruct import EMATarget, posthoc_reconstruct
 
     values, dropped = parse_std_list(stds, "--std")
     per_tensor = parse_std_for(std_for)
@@ -79,9 +79,9 @@ def ema_sweep(run_dir, outdir, stds, samples, steps, judge_path, data, judge_ima
     Frechet distance in the judge's feature space), plot, pick the best."""
     from pathlib import Path
 
+    from edm2.ema.sweep import ema_sweep as sweep
     from edm2.metrics.judge import quality_for_run
     from edm2.runtime import resolve_device
-    from edm2.sweep import ema_sweep as sweep
 
     values, dropped = parse_std_list(stds, "--std")
     inputs = None if from_stds is None else parse_std_list(from_stds, "--from-std")[0]

@@ -64,11 +64,11 @@ def train(outdir, data, preset, cond, duration, budget, budget_clock, rampup, ba
     """Train a model (or resume the run in OUTDIR). Under torchrun, data-parallel over the processes."""
     from edm2.complexity import count_complexity
     from edm2.data import open_dataset
-    from edm2.options import TrainOptions, resolve_run
-    from edm2.recipes import budget_clock as budget_clock_fn
     from edm2.runtime import distributed
     from edm2.training import plan_budget
     from edm2.training import train as run_training
+    from edm2.training.options import TrainOptions, resolve_run
+    from edm2.training.recipes import budget_clock as budget_clock_fn
 
     stds = None if ema_stds is None else tuple(parse_floats(ema_stds, "--ema-stds"))
     opts = TrainOptions(outdir=outdir, data=data, preset=preset, cond=cond, duration=duration, budget=budget,

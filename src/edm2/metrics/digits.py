@@ -61,7 +61,7 @@ class DigitsJudge:
 
 @dataclass
 class DigitsQuality:
-    """Sample-quality metric of an 8x8 digits snapshot, for `edm2.sweep.ema_sweep`: samples `num_samples`
+    """Sample-quality metric of an 8x8 digits snapshot, for `edm2.ema.sweep.ema_sweep`: samples `num_samples`
     digits (seed i has class i % 10, the same seeds for every snapshot) with `num_steps` Heun steps and
     returns the judge's Frechet distance `fd` (lower is better) and class `accuracy`."""
 
@@ -71,7 +71,7 @@ class DigitsQuality:
     device: str = "cpu"
 
     def __call__(self, path: Path) -> dict[str, float]:
-        from edm2.checkpoint import load_network
+        from edm2.files import load_network
 
         net, _ = load_network(path, self.device)
         if (net.img_resolution, net.img_channels, net.label_dim) != (8, 1, 10):

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from edm2.checkpoint import load_tensors, save_tensors
 from edm2.data import ImageDataset, to_model_space
+from edm2.files import load_tensors, save_tensors
 from edm2.metrics.digits import JudgeReport, class_samples
 from edm2.metrics.frechet import frechet_distance
 
@@ -145,7 +145,7 @@ def train_judge(dataset: ImageDataset, seed: int = 0, images: int = 60_000, batc
 
 @dataclass
 class JudgeQuality:
-    """Sample-quality metric of a class-conditional snapshot for `edm2.sweep.ema_sweep`: `num_samples` samples
+    """Sample-quality metric of a class-conditional snapshot for `edm2.ema.sweep.ema_sweep`: `num_samples` samples
     (seed i has class i mod the number of classes, the same seeds for every snapshot) with `num_steps` Heun
     steps, judged: Frechet distance `fd` (lower is better) and class `accuracy`."""
 
@@ -156,7 +156,7 @@ class JudgeQuality:
     batch: int = 250
 
     def __call__(self, path: Path) -> dict[str, float]:
-        from edm2.checkpoint import load_network
+        from edm2.files import load_network
 
         net, _ = load_network(path, self.device)
         j = self.judge.net
@@ -179,10 +179,10 @@ def quality_for_run(source: str | Path, num_samples: int, num_steps: int, device
     the digits judge for a digits model (unless `judge_path` is given), else the judge in `judge_path`, else
     `source/judge.safetensors`, trained there on first use (`judge_images` training images) on `data` (default:
     the dataset the run trained on)."""
-    from edm2.checkpoint import read_metadata
     from edm2.data import open_dataset
+    from edm2.ema.reconstruct import scan_snapshots
+    from edm2.files import read_metadata
     from edm2.metrics.digits import DigitsJudge, DigitsQuality
-    from edm2.reconstruct import scan_snapshots
 
     meta = read_metadata(scan_snapshots(source, allow_gaps=True)[0].path)
     net, info = meta.get("network") or {}, meta.get("info") or {}

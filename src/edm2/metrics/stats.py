@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edm2.checkpoint import atomic_output
-from edm2.pickles import ALLOW_NUMPY, read_pickle
+from edm2.files import atomic_output
+from edm2.files.pickles import ALLOW_NUMPY, read_pickle
 from edm2.runtime import world_info
 
 __all__ = ["FeatureStats", "MetricStats", "Reference", "save_reference", "load_reference", "REFERENCE_FORMAT"]

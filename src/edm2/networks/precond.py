@@ -22,42 +22,24 @@ import torch
 from edm2.networks.dhariwal import DhariwalUNet
 from edm2.networks.edm2 import LOW_PRECISION_DTYPES, PRECISIONS, Precond
 from edm2.networks.songunet import SongUNet
+from edm2.schedules import (
+    IDDPM_C_1,
+    IDDPM_C_2,
+    IDDPM_M,
+    VE_SIGMA_MAX,
+    VE_SIGMA_MIN,
+    VP_BETA_D,
+    VP_BETA_MIN,
+    VP_EPSILON_T,
+    iddpm_u_table,
+    vp_sigma,
+    vp_sigma_inv,
+)
 
 __all__ = ["VPPrecond", "VEPrecond", "iDDPMPrecond", "EDMPrecond", "MODEL_TYPES", "NETWORK_CLASSES",
-           "build_network", "network_class_name", "vp_sigma", "vp_sigma_inv", "iddpm_u_table"]
+           "build_network", "network_class_name"]
 
 MODEL_TYPES: dict[str, type[torch.nn.Module]] = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
-
-
-def vp_sigma(t: torch.Tensor | float, beta_d: float, beta_min: float) -> torch.Tensor:
-    """Noise level of the VP SDE at time t: sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) (EDM Table 1)."""
-    t = t if isinstance(t, torch.Tensor) else torch.as_tensor(t)
-    return ((0.5 * beta_d * (t**2) + beta_min * t).exp() - 1).sqrt()
-
-
-def vp_sigma_inv(sigma: torch.Tensor | float, beta_d: float, beta_min: float) -> torch.Tensor:
-    """Inverse of `vp_sigma`: the time t at which the VP SDE reaches noise level sigma."""
-    sigma = sigma if isinstance(sigma, torch.Tensor) else torch.as_tensor(sigma)
-    return ((beta_min**2 + 2 * beta_d * (1 + sigma**2).log()).sqrt() - beta_min) / beta_d
-
-
-def iddpm_u_table(M: int = 1000, C_1: float = 0.001, C_2: float = 0.008, dtype: torch.dtype = torch.float32,
-                  device: torch.device | str = "cpu") -> torch.Tensor:
-    """The M+1 noise levels u_0 > ... > u_M = 0 of the iDDPM cosine schedule (EDM Table 1, footnote):
-    u_{j-1} = sqrt((u_j^2 + 1) / max(alpha_bar(j-1) / alpha_bar(j), C_1) - 1).
-
-    alpha_bar(j) = sin^2(pi/2 j / (M (C_2 + 1))) is evaluated in float32 and the recursion in `dtype`, as in the
-    official network (float32) and sampler (float64), so that both tables match theirs bit for bit.
-    """
-    if M < 1 or not C_1 > 0:
-        raise ValueError(f"the iDDPM table needs M >= 1 and C_1 > 0, got M={M}, C_1={C_1}")
-    def alpha_bar(j: int) -> torch.Tensor:  # a 0-d integer tensor times a float: float32, as officially
-        return (0.5 * np.pi * torch.tensor(j, device=device) / M / (C_2 + 1)).sin() ** 2
-
-    u = torch.zeros(M + 1, dtype=dtype, device=device)
-    for j in range(M, 0, -1):
-        u[j - 1] = ((u[j] ** 2 + 1) / (alpha_bar(j - 1) / alpha_bar(j)).clip(min=C_1) - 1).sqrt()
-    return u
 
 
 class _Preconditioning(torch.nn.Module):
@@ -165,7 +147,8 @@ class VPPrecond(_Preconditioning):
     c_noise = (M-1) sigma^-1_VP(sigma)."""
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
-                 beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000, epsilon_t: float = 1e-5,
+                 beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN, M: int = 1000,
+                 epsilon_t: float = VP_EPSILON_T,
                  model_type: str = "SongUNet", model_kwargs: Mapping | None = None) -> None:
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs,
                          dict(beta_d=beta_d, beta_min=beta_min, M=M, epsilon_t=epsilon_t))
@@ -191,7 +174,7 @@ class VEPrecond(_Preconditioning):
     """Variance exploding (VE) preconditioning: c_skip = 1, c_out = sigma, c_in = 1, c_noise = ln(sigma/2)."""
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
-                 sigma_min: float = 0.02, sigma_max: float = 100, model_type: str = "SongUNet",
+                 sigma_min: float = VE_SIGMA_MIN, sigma_max: float = VE_SIGMA_MAX, model_type: str = "SongUNet",
                  model_kwargs: Mapping | None = None) -> None:
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs,
                          dict(sigma_min=sigma_min, sigma_max=sigma_max))
@@ -210,7 +193,7 @@ class iDDPMPrecond(_Preconditioning):  # noqa: N801  (the official name)
     out_channels_factor = 2
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
-                 C_1: float = 0.001, C_2: float = 0.008, M: int = 1000, model_type: str = "DhariwalUNet",
+                 C_1: float = IDDPM_C_1, C_2: float = IDDPM_C_2, M: int = IDDPM_M, model_type: str = "DhariwalUNet",
                  model_kwargs: Mapping | None = None) -> None:
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs,
                          dict(C_1=C_1, C_2=C_2, M=M))

@@ -1,0 +1,305 @@
+"""What a user asks of a training run (`TrainOptions`) and the run it resolves to (`RunConfig`): options
+combined with the preset and checked against the dataset, before any file is touched."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from edm2 import runtime
+from edm2.data.encoders import Encoder, encoder_from_dict
+from edm2.data.folder import ImageFolderDataset
+from edm2.data.latent_stats import load_latent_stats
+from edm2.presets import PRESETS, EDMNetworkConfig, NetworkConfig, Preset, get_preset
+from edm2.training import recipes
+
+__all__ = ["TrainOptions", "RunConfig", "resolve_run", "resolve_encoder"]
+
+
+@dataclass
+class TrainOptions:
+    """What the user asks for; None means 'take it from the preset'. Image counts are in images."""
+
+    outdir: str
+    data: str = "digits"
+    preset: str | Preset | None = None  # a name, 'auto' (edm2.training.recipes' table) or a Preset; None: 'cpu-digits8'
+    # for the digits, 'auto' for other data
+    cond: bool = True
+    duration: int | None = None
+    budget: float | None = None  # seconds: plan the duration from the throughput measured in the first steps
+    budget_clock: str = "wall"  # the budget's clock: wall (elapsed) or cpu (this process's CPU time)
+    rampup: int | None = None  # learning-rate warm-up, images
+    batch: int | None = None
+    batch_gpu: int | None = None  # micro-batch per process; gradient accumulation when smaller
+    lr: float | None = None
+    decay: float | None = None
+    dropout: float | None = None
+    P_mean: float | None = None
+    P_std: float | None = None
+    status: int | None = None
+    snapshot: int | None = None
+    checkpoint: int | None = None
+    ema_stds: tuple[float, ...] | None = None
+    seed: int = 0
+    device: str = "auto"
+    precision: str | None = None  # fp32, bf16 or fp16; None: fp16 on CUDA for use_fp16 presets, else fp32
+    compile: bool = False  # torch.compile the network
+    allow_tf32: bool = False  # TF32 in CUDA convolutions and matrix products (the official code keeps it off)
+    augment: float | None = None  # edm-* presets: augmentation probability (0: off)
+    ema: float | None = None  # edm-* presets: half-life of the traditional EMA, millions of images
+    xflip: bool = False  # double the dataset with mirrored images (official --xflip)
+    max_size: int | None = None  # train on a random subset of this many items
+    latent_stats: str | None = None  # JSON of `edm2 dataset stats`: the raw mean/std to standardise latents with
+    workers: int | None = None  # DataLoader processes; None: 2 for datasets on disk, 0 for those in memory
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The fully resolved run, written to training_options.json; a resumed run must match it."""
+
+    data: str
+    dataset: dict
+    preset: str
+    network: dict
+    batch: int
+    batch_gpu: int
+    lr: float
+    decay: float
+    rampup_Mimg: float
+    P_mean: float
+    P_std: float
+    ema_stds: tuple[float, ...]
+    seed: int
+    duration: int
+    status: int
+    snapshot: int
+    checkpoint: int
+    precision: str = "fp32"
+    compile: bool = False
+    processes: int = 1
+    allow_tf32: bool = False
+    provenance: dict = field(default_factory=dict)  # name -> {value, source, rule}: see edm2.training.recipes
+    budget: dict | None = None  # the BudgetPlan of a run given a time budget
+    # EDM-release runs (edm-* presets): the official class of `network` (None: EDM2's Precond) and the recipe
+    # (`EDMRecipe.to_dict()`: loss, augment, EMA half-life and ramp-up, Adam betas, loss scaling).
+    network_class: str | None = None
+    edm: dict | None = None
+    encoder: dict | None = None  # how data maps to the network's space (official terms); None: StandardRGBEncoder
+    workers: int = 0  # DataLoader worker processes per training process
+
+    # Fields that may change between a run and its resumption (the number of processes too: the data
+    # stream, the noise and the optimizer state do not depend on it).
+    MUTABLE = ("duration", "status", "snapshot", "checkpoint", "batch_gpu", "precision", "compile", "processes",
+               "allow_tf32", "provenance", "budget", "workers")
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def identity(self) -> dict:
+        return {k: v for k, v in self.to_dict().items() if k not in self.MUTABLE}
+
+    def network_config(self) -> NetworkConfig | EDMNetworkConfig:
+        """The network this run trains."""
+        if self.network_class is None:
+            return NetworkConfig.from_dict(self.network)
+        return EDMNetworkConfig(self.network_class, dict(self.network))
+
+
+def _preset(opts: TrainOptions, dataset, channels: int, device) -> tuple[Preset, recipes.Setting]:
+    """The preset the run starts from, and its provenance."""
+    if isinstance(opts.preset, Preset):
+        return opts.preset, recipes.Setting(opts.preset.name, "user")
+    name = opts.preset or ("cpu-digits8" if str(opts.data) == "digits" else "auto")
+    if name != "auto":
+        return get_preset(name), recipes.Setting(name, "user" if opts.preset else "preset")
+    preset, reason = recipes.choose_preset(dataset.resolution, channels, len(dataset), device.type)
+    return preset, recipes.Setting(preset.name, "auto", reason)
+
+
+def _duration(opts: TrainOptions, preset: Preset, plan: recipes.BudgetPlan | None,
+              previous: dict | None) -> recipes.Setting:
+    if opts.budget is not None and opts.duration is not None:
+        raise ValueError("give --duration or --budget, not both")
+    if opts.budget is not None and not opts.budget > 0:
+        raise ValueError(f"--budget must be a positive time, got {opts.budget}")
+    if plan is not None:
+        return recipes.Setting(plan.duration, "budget", f"{plan.seconds:g} s of {plan.clock} time at "
+                               f"{1 / plan.seconds_per_image:.4g} images/s")
+    if opts.duration is not None:
+        return recipes.Setting(opts.duration, "user")
+    if (previous or {}).get("budget") and opts.budget is None:  # a budget run resumed without its --budget
+        return recipes.Setting(previous["duration"], "resumed", "planned from the run's --budget")
+    return recipes.Setting(preset.training.duration, "preset")
+
+
+def _batches(opts: TrainOptions, preset_batch: int, world: int) -> tuple[int, int]:
+    """(global batch, micro-batch per process)."""
+    batch = opts.batch or preset_batch
+    batch_gpu = opts.batch_gpu or batch // world
+    if batch > 0 and batch % world != 0:
+        raise ValueError(f"--batch {batch} cannot be split over {world} processes; use a number of processes that "
+                         "divides it")
+    if batch <= 0 or batch_gpu <= 0 or batch % (world * batch_gpu) != 0:
+        raise ValueError(f"--batch {batch} must be a positive multiple of processes ({world}) x --batch-gpu "
+                         f"({batch_gpu})")
+    return batch, batch_gpu
+
+
+def resolve_run(opts: TrainOptions, dataset, world: int | None = None, plan: recipes.BudgetPlan | None = None,
+                previous: dict | None = None) -> RunConfig:
+    """Combine options, preset and dataset into a RunConfig; ValueError for inconsistent requests.
+    `world` is the number of processes (default: that of the current process group). With a `--budget`, `plan`
+    fixes the duration (without one, the preset's duration stands in, for measuring the throughput); `previous`
+    (the training_options.json of the run being resumed) keeps the schedule that run derived."""
+    device = runtime.resolve_device(opts.device)
+    raw_encoder = encoder_from_dict(dataset.encoder)
+    preset, preset_setting = _preset(opts, dataset, raw_encoder.network_channels(dataset.channels), device)
+    encoder = resolve_encoder(opts, dataset, preset)
+    _check_data(opts, dataset, preset, encoder.network_channels(dataset.channels))
+    world = runtime.world_info()[1] if world is None else world
+    tr = preset.training
+    batch, batch_gpu = _batches(opts, tr.batch_size, world)
+    precision = runtime.resolve_precision(opts.precision, device, preset.network.use_fp16)
+    edm = _resolve_edm(preset, opts)
+    net = _network(preset, edm, dataset.num_classes if opts.cond else 0, opts.dropout)
+    duration = _duration(opts, preset, plan, previous)
+    if duration.value <= 0:
+        raise ValueError(f"--duration must be a positive number of images, got {duration.value}")
+    provenance = {"preset": preset_setting, "duration": duration,
+                  **_plain(opts, preset, preset_setting), **_schedule(opts, preset, duration, batch, previous)}
+    value = {k: s.value for k, s in provenance.items()}
+    run = RunConfig(
+        data=opts.data, dataset=_describe(opts, dataset), preset=preset.name, network=net.to_dict(), batch=batch,
+        batch_gpu=batch_gpu, lr=value["lr"], decay=value["decay"], rampup_Mimg=value["rampup"] / 1e6,
+        P_mean=value["P_mean"], P_std=value["P_std"], ema_stds=tuple(value["ema_stds"]), seed=opts.seed,
+        duration=int(duration.value), status=value["status"], snapshot=value["snapshot"],
+        checkpoint=value["checkpoint"], precision=precision, compile=bool(opts.compile), processes=world,
+        allow_tf32=bool(opts.allow_tf32), provenance={k: s.to_dict() for k, s in provenance.items()},
+        budget=None if plan is None else plan.to_dict(), network_class=net.class_name if edm is not None else None,
+        edm=edm, encoder=None if not preset.latents else encoder.to_dict(),
+        workers=_workers(opts, dataset),
+    )
+    _check(run, provenance)
+    return run
+
+
+def _check_data(opts: TrainOptions, dataset, preset: Preset, channels: int) -> None:
+    """The data fits the preset's network: resolution, channels (of the network's space), labels."""
+    net = preset.network
+    if dataset.resolution != net.img_resolution or channels != net.img_channels:
+        kind = " latents" if dataset.latents else ""
+        raise ValueError(f"dataset {dataset.name} is {dataset.resolution}x{dataset.resolution}x{channels}{kind} "
+                         f"but preset {preset.name} expects {net.img_resolution}x{net.img_resolution}x"
+                         f"{net.img_channels}; choose a preset that matches the data")
+    if opts.cond and not dataset.has_labels:
+        raise ValueError(f"--cond needs labels but dataset {dataset.name} has none; add dataset.json labels "
+                         "or train with --uncond")
+
+
+def _network(preset: Preset, edm: dict | None, label_dim: int, dropout: float | None):
+    """The preset's network for this data: its label dimension, the dropout asked for, and (EDM recipe) augment
+    labels (augment_dim 9) exactly when augmenting, as the official train.py."""
+    dropout = preset.network.dropout if dropout is None else dropout
+    if edm is None:
+        return dataclasses.replace(preset.network, label_dim=label_dim, dropout=dropout)
+    return preset.network.replace(label_dim=label_dim, dropout=dropout, augment_dim=9 if edm["augment"] else 0)
+
+
+def _plain(opts: TrainOptions, preset: Preset, preset_setting: recipes.Setting) -> dict[str, recipes.Setting]:
+    """The settings that are the user's or the preset's: batch, learning rate, noise distribution, dropout."""
+    tr = preset.training
+    pick = lambda v, d: recipes.Setting(d, "preset") if v is None else recipes.Setting(v, "user")  # noqa: E731
+    plain = {"batch": pick(opts.batch, tr.batch_size), "lr": pick(opts.lr, tr.lr),
+             "P_mean": pick(opts.P_mean, tr.P_mean), "P_std": pick(opts.P_std, tr.P_std),
+             "dropout": pick(opts.dropout, preset.network.dropout)}
+    if opts.dropout is None and preset_setting.source == "auto":
+        plain["dropout"] = recipes.Setting(preset.network.dropout, "auto", "the table's choice for the data")
+    return plain
+
+
+def _schedule(opts: TrainOptions, preset: Preset, duration: recipes.Setting, batch: int,
+              previous: dict | None) -> dict[str, recipes.Setting]:
+    """Decay start, warm-up, tracked EMA lengths and the intervals (`recipes.resolve_schedule`). The EDM (2022)
+    recipe keeps the official warm-up (10 Mimg), no decay and its own EMA: only its intervals follow the run."""
+    tr = preset.training
+    values = {"decay": tr.decay, "rampup": round(tr.rampup_Mimg * 1e6), "ema_stds": tuple(tr.ema_stds),
+              "status": tr.status, "snapshot": tr.snapshot, "checkpoint": tr.checkpoint}
+    user = {"decay": opts.decay, "rampup": opts.rampup, "ema_stds": opts.ema_stds, "status": opts.status,
+            "snapshot": opts.snapshot, "checkpoint": opts.checkpoint}
+    schedule = recipes.resolve_schedule(values, tr.duration, duration, batch, user, (previous or {}).get("provenance"))
+    if preset.edm is not None:  # the official EDM recipe: fixed warm-up, no decay, its own EMA
+        for name in ("decay", "rampup", "ema_stds"):
+            schedule[name] = recipes.Setting(values[name], "preset") if user[name] is None else schedule[name]
+    return schedule
+
+
+def _describe(opts: TrainOptions, dataset) -> dict:
+    if opts.max_size is not None and opts.max_size < 1:
+        raise ValueError(f"--max-size must be a positive number of items, got {opts.max_size}")
+    return {**dataset.describe(), **({"xflip": True} if opts.xflip else {}),
+            **({"max_size": opts.max_size} if opts.max_size is not None else {})}
+
+
+def _workers(opts: TrainOptions, dataset) -> int:
+    workers = opts.workers if opts.workers is not None else 2 if isinstance(dataset, ImageFolderDataset) else 0
+    if workers < 0:
+        raise ValueError(f"--workers must be 0 or more, got {workers}")
+    return workers
+
+
+def _check(run: RunConfig, provenance: dict) -> None:
+    for name in ("status", "snapshot", "checkpoint"):
+        if getattr(run, name) <= 0:
+            raise ValueError(f"--{name} must be a positive number of images, got {getattr(run, name)}")
+    if run.lr <= 0 or run.P_std <= 0:
+        raise ValueError(f"--lr and --P-std must be positive, got lr={run.lr}, P_std={run.P_std}")
+    if run.decay < 0 or run.rampup_Mimg < 0:
+        raise ValueError(f"--decay and --rampup must not be negative, got {run.decay} and {provenance['rampup'].value}")
+    rampup = provenance["rampup"]
+    # A user's explicit --rampup stands (with a note), and so does the EDM (2022) recipe's fixed 10 Mimg warm-up, as
+    # in the official code; a warm-up this code derived or kept must fit.
+    if rampup.value > run.duration and rampup.source not in ("user", "preset"):
+        raise ValueError(f"the learning-rate warm-up ({rampup.value} images, {rampup.source}) is longer than the run "
+                         f"({run.duration} images), so the learning rate would never reach --lr; give a shorter "
+                         "--rampup or a longer --duration")
+    if run.edm is None and not run.ema_stds:
+        raise ValueError("--ema-stds is empty; an EDM2 run tracks at least one power-function EMA (e.g. 0.05,0.10)")
+
+
+def _resolve_edm(preset: Preset, opts: TrainOptions) -> dict | None:
+    """The EDM recipe of an edm-* preset with the --augment/--ema overrides; None for EDM2 presets."""
+    if preset.edm is None:
+        if opts.augment is not None or opts.ema is not None:
+            raise ValueError(f"--augment and --ema belong to the EDM (2022) recipe; preset {preset.name} trains with "
+                             "EDM2's (power-function EMAs: --ema-stds); choose an edm-* preset")
+        return None
+    edm = preset.edm.to_dict()
+    if opts.augment is not None:
+        if not 0 <= opts.augment <= 1:
+            raise ValueError(f"--augment is a probability in [0, 1], got {opts.augment}")
+        edm["augment"] = float(opts.augment)
+    if opts.ema is not None:
+        if not opts.ema >= 0:
+            raise ValueError(f"--ema is a half-life in millions of images (>= 0), got {opts.ema}")
+        edm["ema_halflife_Mimg"] = float(opts.ema)
+    return edm
+
+
+def resolve_encoder(opts: TrainOptions, dataset, preset: Preset) -> Encoder:
+    """The dataset's encoder, with the statistics of `--latent-stats`; ValueError when the data does not fit
+    what the preset trains on (pixels or VAE latents)."""
+    latent = [name for name, p in PRESETS.items() if p.latents]
+    latents = dataset.latents
+    if latents and not preset.latents:
+        raise ValueError(f"dataset {dataset.name} holds VAE latents but preset {preset.name} trains on pixels; "
+                         f"use a latent preset ({', '.join(latent)}) or the images themselves")
+    if preset.latents and not latents:
+        raise ValueError(f"preset {preset.name} trains on VAE latents but dataset {dataset.name} holds images; "
+                         f"encode them first: edm2 dataset encode --source {dataset.name} --dest latents.zip")
+    spec = dataset.encoder
+    if opts.latent_stats is not None:
+        if not latents:
+            raise ValueError(f"--latent-stats applies to latent datasets; {dataset.name} holds images")
+        raw_mean, raw_std = load_latent_stats(opts.latent_stats)
+        spec = {"class": spec["class"], "kwargs": {**spec["kwargs"], "raw_mean": raw_mean, "raw_std": raw_std}}
+    return encoder_from_dict(spec)

@@ -1,0 +1,69 @@
+"""What a training run tells the user: `log.txt` (events), `stats.jsonl` (one JSON line per status interval),
+the progress bar, and the window of losses they average."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from edm2.files import LOG_FILE, STATS_FILE
+
+__all__ = ["RunLog"]
+
+
+class RunLog:
+    """The run's log, statistics and progress bar. Only rank 0 writes; every process must call `step`, since a
+    status report sums the loss window over the processes (a collective)."""
+
+    def __init__(self, outdir: str | Path, total_nimg: int, cur_nimg: int, device: torch.device, rank: int = 0,
+                 world: int = 1, progress: bool = True) -> None:
+        from tqdm import tqdm
+
+        outdir = Path(outdir)
+        self.world = world
+        self.log = (outdir / LOG_FILE).open("a") if rank == 0 else None
+        self.stats = (outdir / STATS_FILE).open("a") if rank == 0 else None
+        self.bar = tqdm(total=total_nimg, initial=cur_nimg, unit_scale=1 / 1000, disable=not progress or rank,
+                        bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}{postfix}]")
+        self.window_loss = torch.zeros([], device=device)  # stays on the device; read at status time only
+        self.window_steps, self.window_start, self.window_nimg, self.last_nimg = 0, time.time(), cur_nimg, cur_nimg
+
+    def say(self, msg: str) -> None:
+        """One time-stamped line in log.txt."""
+        if self.log is not None:
+            self.log.write(time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n")
+            self.log.flush()
+
+    def step(self, nimg: int, loss: torch.Tensor, lr: float, report: bool) -> None:
+        """Count a finished step (`loss`: this process's share of the batch's mean loss); with `report`,
+        write the window's mean loss, learning rate and speed to stats.jsonl, log.txt and the bar."""
+        self.window_loss += loss
+        self.window_steps += 1
+        self.bar.update(nimg - self.last_nimg)
+        self.last_nimg = nimg
+        if not report:
+            return
+        if self.world > 1:
+            torch.distributed.all_reduce(self.window_loss)
+        sec_per_kimg = (time.time() - self.window_start) / max(nimg - self.window_nimg, 1) * 1000
+        entry = {"nimg": nimg, "kimg": nimg / 1000, "loss": float(self.window_loss) / self.window_steps, "lr": lr,
+                 "sec_per_kimg": sec_per_kimg, "time": time.time()}
+        if self.stats is not None:
+            self.stats.write(json.dumps(entry) + "\n")
+            self.stats.flush()
+        self.bar.set_postfix_str(f"loss {entry['loss']:.4f}, lr {lr:.2e}, {sec_per_kimg:.2f} s/kimg")
+        self.say(f"kimg {entry['kimg']:.1f} loss {entry['loss']:.4f} lr {lr:.3e} sec/kimg {sec_per_kimg:.2f}")
+        if not math.isfinite(entry["loss"]):
+            self.say("loss is not finite")
+        self.window_loss.zero_()
+        self.window_steps, self.window_start, self.window_nimg = 0, time.time(), nimg
+
+    def close(self) -> None:
+        self.bar.close()
+        for f in (self.stats, self.log):
+            if f is not None:
+                f.close()
