@@ -5,6 +5,7 @@ generation and reconstruction."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from edm2.edm_losses import EDMLoss, VELoss, VPLoss
 from edm2.ema_trackers import TraditionalEMATracker
 from edm2.networks import EDMPrecond
 from edm2.options import TrainOptions, resolve_run
-from edm2.presets import PRESETS, get_preset
+from edm2.presets import PRESETS, EDMNetworkConfig, get_preset
 from edm2.training import learning_rate_schedule, setup, train, train_step
 
 # SPEC section 7, from the official train.py and README (durations and half-lives in decimal Mimg).
@@ -117,8 +118,8 @@ def test_setup_builds_the_recipe(name, loss):
     run = resolve_run(TrainOptions(outdir="x", preset="cpu-edm-tiny8", device="cpu"), data, world=1)
     if name != "cpu-edm-tiny8":  # the same tiny network, with the preconditioning and loss of `name`
         preset = get_preset(name)
-        run = run.__class__(**{**run.__dict__, "network_class": preset.network.class_name,
-                               "edm": {**run.edm, "loss": preset.edm.loss, "augment": 0}})
+        run = dataclasses.replace(run, network=EDMNetworkConfig(preset.network.class_name, run.network.kwargs),
+                                  edm=dataclasses.replace(run.edm, loss=preset.edm.loss, augment=0))
     t = setup(run, data, torch.device("cpu"))
     assert type(t.net).__name__ == run.network_class and isinstance(t.loss_fn, loss)
     assert t.optimizer.param_groups[0]["betas"] == (0.9, 0.999)

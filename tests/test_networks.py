@@ -375,3 +375,38 @@ def test_block_rejects_unknown_flavor():
         Block(8, 8, 16, flavor="xyz")
     for flavor in ("enc", "dec"):
         assert Block(8, 8, 16, flavor=flavor).flavor == flavor
+
+
+def test_network_config_is_the_signature_of_precond_and_unet():
+    """`NetworkConfig` lists Precond's own arguments and those it hands to UNet, with the same defaults, so the
+    typed spec cannot drift from the network it describes."""
+    import dataclasses
+    import inspect
+
+    from edm2.networks import NetworkConfig, UNet
+
+    def defaults(fn, skip):
+        return {n: p.default for n, p in inspect.signature(fn).parameters.items() if n not in skip}
+
+    expected = {**defaults(UNet.__init__, {"self"}), **defaults(Precond.__init__, {"self", "unet_kwargs"})}
+    fields = {f.name: f.default for f in dataclasses.fields(NetworkConfig)}
+    assert set(fields) == set(expected)
+    for name, default in fields.items():
+        want = expected[name]
+        want = tuple(want) if isinstance(want, (list, tuple)) else want
+        assert (default is dataclasses.MISSING) == (want is inspect.Parameter.empty), name
+        if default is not dataclasses.MISSING:
+            assert default == want, name
+
+
+def test_every_preset_network_is_built_by_the_one_builder():
+    from edm2.networks import NETWORK_CLASSES, build_network, network_class_name
+    from edm2.presets import PRESETS
+
+    for preset in PRESETS.values():
+        with torch.device("meta"):
+            net = build_network(preset.network)
+        assert type(net) is NETWORK_CLASSES[preset.network.class_name]
+        assert network_class_name(net) == preset.network.class_name
+        assert (net.img_resolution, net.img_channels) == (preset.network.img_resolution,
+                                                          preset.network.img_channels)

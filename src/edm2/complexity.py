@@ -14,8 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from edm2.layers import MPConv
-from edm2.networks import Precond, build_network
-from edm2.presets import EDMNetworkConfig, NetworkConfig
+from edm2.networks.spec import NetworkSpec, build_network
 
 __all__ = ["Complexity", "count_complexity"]
 
@@ -30,14 +29,11 @@ class Complexity:
     gflops: float  # (macs + weight_norm_ops) / 1e9, per single-image evaluation
 
 
-def count_complexity(config: NetworkConfig | EDMNetworkConfig) -> Complexity:
+def count_complexity(config: NetworkSpec) -> Complexity:
     """Parameters and operations per single-image evaluation of the network described by `config` (an EDM2
     network, or one of the EDM release; the latter have no weight normalization)."""
     with torch.device("meta"):
-        if isinstance(config, EDMNetworkConfig):
-            net = build_network(config.class_name, config.kwargs).eval()
-        else:
-            net = Precond(**config.to_dict()).eval()
+        net = build_network(config).eval()
         x = torch.zeros(1, config.img_channels, config.img_resolution, config.img_resolution)
         sigma = torch.ones(1)
         labels = torch.zeros(1, config.label_dim) if config.label_dim else None

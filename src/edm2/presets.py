@@ -12,49 +12,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from edm2.networks.spec import EDMNetworkConfig, NetworkConfig
+
 __all__ = ["NetworkConfig", "TrainingConfig", "Preset", "PRESETS", "get_preset", "EDMNetworkConfig", "EDMRecipe",
            "EDM_ARCHS", "EDM_PRECONDS"]
 
 Ki, Mi = 1 << 10, 1 << 20
-
-
-@dataclass(frozen=True)
-class NetworkConfig:
-    """Arguments of `edm2.networks.Precond` (official names)."""
-
-    img_resolution: int
-    img_channels: int
-    label_dim: int
-    model_channels: int = 192
-    channel_mult: tuple[int, ...] = (1, 2, 3, 4)
-    channel_mult_noise: int | None = None
-    channel_mult_emb: int | None = None
-    num_blocks: int = 3
-    attn_resolutions: tuple[int, ...] = (16, 8)
-    label_balance: float = 0.5
-    concat_balance: float = 0.5
-    resample_filter: tuple[float, ...] = (1, 1)
-    channels_per_head: int = 64
-    dropout: float = 0.0
-    res_balance: float = 0.3
-    attn_balance: float = 0.3
-    clip_act: float | None = 256
-    use_fp16: bool = True
-    sigma_data: float = 0.5
-    logvar_channels: int = 128
-
-    def to_dict(self) -> dict:
-        """Plain JSON-able dict (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> NetworkConfig:
-        """Inverse of `to_dict`; unknown keys raise ValueError."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown network option(s) {unknown}; known: {sorted(names)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 @dataclass(frozen=True)
@@ -82,45 +45,6 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
-class EDMNetworkConfig:
-    """A network of the EDM release: the official preconditioning class (`VPPrecond`, `VEPrecond`,
-    `iDDPMPrecond`, `EDMPrecond`) and its official flat constructor arguments (those of the official
-    train.py's network_kwargs, `model_type` and the model's options included); built by
-    `edm2.networks.build_network(class_name, kwargs)`."""
-
-    class_name: str
-    kwargs: dict
-
-    @property
-    def img_resolution(self) -> int:
-        return self.kwargs["img_resolution"]
-
-    @property
-    def img_channels(self) -> int:
-        return self.kwargs["img_channels"]
-
-    @property
-    def label_dim(self) -> int:
-        return self.kwargs.get("label_dim", 0)
-
-    @property
-    def use_fp16(self) -> bool:
-        return bool(self.kwargs.get("use_fp16", False))
-
-    @property
-    def dropout(self) -> float:
-        return self.kwargs.get("dropout", 0.10)
-
-    def to_dict(self) -> dict:
-        """The constructor arguments as plain JSON data (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.kwargs.items()}
-
-    def replace(self, **changes) -> EDMNetworkConfig:
-        """A copy with some constructor arguments changed."""
-        return EDMNetworkConfig(self.class_name, {**self.kwargs, **changes})
-
-
-@dataclass(frozen=True)
 class EDMRecipe:
     """What an EDM (2022) run does differently from an EDM2 run (official train.py options in comments)."""
 
@@ -133,6 +57,9 @@ class EDMRecipe:
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def __getitem__(self, name: str):
+        return getattr(self, name)  # read like the stored JSON (run["edm"]["loss"])
 
 
 @dataclass(frozen=True)

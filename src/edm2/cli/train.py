@@ -82,7 +82,7 @@ def train(outdir, data, preset, cond, duration, budget, budget_clock, rampup, ba
             dataset = open_dataset(data, progress=rank == 0)
             plan = None if budget is None else plan_budget(opts, dataset, None, budget_clock_fn(budget_clock)())
             run = resolve_run(opts, dataset, plan=plan)
-            c = count_complexity(run.network_config())
+            c = count_complexity(run.network)
             if rank == 0:
                 click.echo(json.dumps({**run.to_dict(), "parameters": c.parameters, "gflops": round(c.gflops, 3)},
                                       indent=2))

@@ -19,7 +19,7 @@ import torch
 
 from edm2.ema.power import MAX_SIGMA_REL, PowerFunctionEMA, TraditionalEMA
 from edm2.files.snapshot import Snapshot, ema_snapshot_filename, save_snapshot, snapshot_filename
-from edm2.presets import EDMNetworkConfig, NetworkConfig
+from edm2.networks.spec import NetworkSpec
 from edm2.runtime import world_info
 
 __all__ = ["PosthocEMA", "TraditionalEMATracker", "EMATrackers"]
@@ -38,7 +38,7 @@ class PosthocEMA:
     """
 
     def __init__(self, model: torch.nn.Module, outdir: str | Path, stds: Sequence[float] = (0.05, 0.10),
-                 snapshot_every: int | None = None, network: NetworkConfig | None = None,
+                 snapshot_every: int | None = None, network: NetworkSpec | None = None,
                  info: Mapping | None = None, rank: int | None = None, encoder: dict | None = None) -> None:
         stds = [float(s) for s in stds]
         bad = [s for s in stds if not 0 < s < MAX_SIGMA_REL]
@@ -124,7 +124,7 @@ class TraditionalEMATracker:
 
     def __init__(self, model: torch.nn.Module, outdir: str | Path, halflife_Mimg: float,
                  rampup_ratio: float | None = 0.05, snapshot_every: int | None = None,
-                 network: NetworkConfig | EDMNetworkConfig | None = None, info: Mapping | None = None,
+                 network: NetworkSpec | None = None, info: Mapping | None = None,
                  rank: int | None = None, encoder: dict | None = None) -> None:
         if not halflife_Mimg >= 0 or (rampup_ratio is not None and not rampup_ratio > 0):
             raise ValueError(f"need an EMA half-life >= 0 and a ramp-up ratio > 0 (or None), got {halflife_Mimg} "

@@ -1,17 +1,16 @@
 """Official network pickles -> edm2 snapshots: the records `edm2.files.pickles` reads, rebuilt as our networks.
 
 A snapshot pickle of the official code is a dict with `ema` (the network), `loss_fn`, `dataset_kwargs` and, in
-EDM2, `encoder` (EDM: `augment_pipe`). The network record's class name picks a builder from
-`NETWORK_BUILDERS`, one small entry per class (EDM2's `Precond`; EDM's `VPPrecond`, `VEPrecond`, `iDDPMPrecond`,
-`EDMPrecond`): it turns the recorded constructor arguments into our network config, builds our network and
-loads the recorded state with `strict=True`. The encoder and loss records are
-carried into the snapshot metadata in the official terms (class name and constructor arguments).
+EDM2, `encoder` (EDM: `augment_pipe`). The network record's class name (EDM2's `Precond`; EDM's `VPPrecond`,
+`VEPrecond`, `iDDPMPrecond`, `EDMPrecond`) and its recorded constructor arguments make our network spec
+(`network_from_record`), from which our network is built and the recorded state loaded with `strict=True`. The
+encoder and loss records are carried into the snapshot metadata in the official terms (class name and constructor
+arguments).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,10 @@ import torch
 
 from edm2.files.pickles import Record, read_pickle
 from edm2.files.snapshot import Snapshot, save_snapshot
-from edm2.networks import Precond, build_network
-from edm2.presets import EDMNetworkConfig, NetworkConfig
+from edm2.networks.spec import NetworkSpec, build_network, network_spec
+from edm2.schedules import VE_SIGMA_MAX, VE_SIGMA_MIN, VP_BETA_D, VP_BETA_MIN, VP_EPSILON_T
 
-__all__ = ["ConvertedNetwork", "NETWORK_BUILDERS", "convert_network_pickle",
+__all__ = ["ConvertedNetwork", "OFFICIAL_POSITIONAL", "network_from_record", "convert_network_pickle",
            "snapshot_from_pickle", "convert_pickle", "constructor_kwargs", "load_strict", "encoder_from_record",
            "loss_from_record", "kimg_to_nimg"]
 
@@ -33,7 +32,7 @@ __all__ = ["ConvertedNetwork", "NETWORK_BUILDERS", "convert_network_pickle",
 class ConvertedNetwork:
     """What an official pickle holds, in edm2's terms: everything `edm2.files.snapshot.Snapshot` needs."""
 
-    network: NetworkConfig | EDMNetworkConfig  # EDM2's Precond, or an EDM (2022) preconditioning
+    network: NetworkSpec  # EDM2's Precond, or an EDM (2022) preconditioning
     state_dict: dict[str, torch.Tensor]  # float32
     parameter_names: tuple[str, ...]  # the averaged tensors (the official EMA averages parameters, copies buffers)
     encoder: dict  # {"class": ..., "kwargs": {...}}
@@ -43,12 +42,15 @@ class ConvertedNetwork:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Networks: class name -> builder. Each builder returns our network config and the loaded state dict.
-
-NetworkBuilder = Callable[[Record], tuple[NetworkConfig | EDMNetworkConfig, dict[str, torch.Tensor]]]
+# Networks: the official class name and the recorded arguments make one spec (`edm2.networks.spec`), built and
+# loaded with the recorded weights.
 
 # Positional parameters of the official constructors, to name recorded `_init_args`.
-_PRECOND_POSITIONAL = ("img_resolution", "img_channels", "label_dim", "use_fp16", "sigma_data", "logvar_channels")
+_EDM_POSITIONAL = ("img_resolution", "img_channels", "label_dim", "use_fp16")
+OFFICIAL_POSITIONAL: dict[str, tuple[str, ...]] = {
+    "Precond": (*_EDM_POSITIONAL, "sigma_data", "logvar_channels"),  # EDM2 (training/networks_edm2.py)
+    **{name: _EDM_POSITIONAL for name in ("VPPrecond", "VEPrecond", "iDDPMPrecond", "EDMPrecond")},  # EDM
+}
 
 
 def constructor_kwargs(record: Record, positional: tuple[str, ...]) -> dict[str, Any]:
@@ -77,31 +79,14 @@ def load_strict(net: torch.nn.Module, state: dict[str, torch.Tensor], what: str)
     return {k: v.detach() for k, v in net.state_dict().items()}
 
 
-def _edm2_precond(record: Record) -> tuple[NetworkConfig, dict[str, torch.Tensor]]:
-    kwargs = constructor_kwargs(record, _PRECOND_POSITIONAL)
+def network_from_record(record: Record) -> tuple[NetworkSpec, dict[str, torch.Tensor]]:
+    """The spec of the network an official pickle records, and its weights loaded into our network (float32)."""
+    kwargs = constructor_kwargs(record, OFFICIAL_POSITIONAL[record.class_name])
     try:
-        config = NetworkConfig.from_dict(kwargs)
+        spec = network_spec(record.class_name, kwargs)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"Precond arguments edm2 does not know: {e}") from None
-    return config, load_strict(Precond(**config.to_dict()), record.state_dict(), "Precond")
-
-
-def _edm_precond(record: Record) -> tuple[EDMNetworkConfig, dict[str, torch.Tensor]]:
-    """The EDM (2022) preconditionings: flat official arguments (the model's included), built by
-    `edm2.networks.build_network`."""
-    kwargs = constructor_kwargs(record, _EDM_POSITIONAL)
-    net = build_network(record.class_name, kwargs)
-    return EDMNetworkConfig(record.class_name, kwargs), load_strict(net, record.state_dict(), record.class_name)
-
-
-_EDM_POSITIONAL = ("img_resolution", "img_channels", "label_dim", "use_fp16")
-NETWORK_BUILDERS: dict[str, NetworkBuilder] = {
-    "Precond": _edm2_precond,  # EDM2 (training/networks_edm2.py)
-    "VPPrecond": _edm_precond,  # EDM (training/networks.py), with SongUNet or DhariwalUNet inside
-    "VEPrecond": _edm_precond,
-    "iDDPMPrecond": _edm_precond,
-    "EDMPrecond": _edm_precond,
-}
+        raise ValueError(f"{record.class_name} arguments edm2 does not know: {e}") from None
+    return spec, load_strict(build_network(spec), record.state_dict(), record.class_name)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -115,8 +100,8 @@ ENCODER_DEFAULTS: dict[str, dict[str, Any]] = {
 LOSS_DEFAULTS: dict[str, dict[str, Any]] = {
     "EDM2Loss": {"P_mean": -0.4, "P_std": 1.0, "sigma_data": 0.5},
     "EDMLoss": {"P_mean": -1.2, "P_std": 1.2, "sigma_data": 0.5},
-    "VPLoss": {"beta_d": 19.9, "beta_min": 0.1, "epsilon_t": 1e-5},
-    "VELoss": {"sigma_min": 0.02, "sigma_max": 100},
+    "VPLoss": {"beta_d": VP_BETA_D, "beta_min": VP_BETA_MIN, "epsilon_t": VP_EPSILON_T},
+    "VELoss": {"sigma_min": VE_SIGMA_MIN, "sigma_max": VE_SIGMA_MAX},
 }
 
 
@@ -178,9 +163,9 @@ def _network_record(data: Any, source: str) -> Record:
     record = data["ema"]
     if not isinstance(record, Record):
         raise ValueError(f"{source}: its 'ema' is a {type(record).__name__}, not a network of the official code")
-    if record.class_name not in NETWORK_BUILDERS:
+    if record.class_name not in OFFICIAL_POSITIONAL:
         raise ValueError(f"{source}: its network is a {record.class_name}, which edm2 cannot convert (known: "
-                         f"{', '.join(NETWORK_BUILDERS)})")
+                         f"{', '.join(OFFICIAL_POSITIONAL)})")
     return record
 
 
@@ -190,7 +175,7 @@ def convert_network_pickle(path: str | Path) -> ConvertedNetwork:
     data = read_pickle(path)
     record = _network_record(data, str(path))
     try:
-        config, state = NETWORK_BUILDERS[record.class_name](record)
+        config, state = network_from_record(record)
         encoder = encoder_from_record(data.get("encoder"))
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None

@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 
 from edm2.files.base import load_tensors, save_tensors
-from edm2.networks import Precond, build_network
-from edm2.presets import EDMNetworkConfig, NetworkConfig
+from edm2.networks.spec import NetworkConfig, NetworkSpec, build_network, network_spec
 
 __all__ = ["snapshot_filename", "posthoc_filename", "ema_snapshot_filename", "Snapshot", "save_snapshot",
            "load_snapshot", "network_from_metadata"]
@@ -44,7 +43,7 @@ class Snapshot:
     state_dict: dict[str, torch.Tensor]
     # EDM2 `Precond` arguments, or an EDM-release network (official class name and arguments); None: not an
     # edm2 network (a generic model tracked by PosthocEMA).
-    network: NetworkConfig | EDMNetworkConfig | None
+    network: NetworkSpec | None
     sigma_rel: float | None  # EMA length, None for raw training weights
     nimg: int  # training time in images (or any growing count, for generic models)
     info: dict  # preset, dataset description, anything else JSON-able
@@ -60,10 +59,7 @@ class Snapshot:
         if self.network is None:
             raise ValueError("snapshot holds no edm2 network config (a generic model); read its tensors with "
                              "edm2.files.load_tensors")
-        if isinstance(self.network, EDMNetworkConfig):
-            net = build_network(self.network.class_name, self.network.kwargs)
-        else:
-            net = Precond(**self.network.to_dict())
+        net = build_network(self.network)
         try:
             net.load_state_dict(self.state_dict, strict=True)
         except RuntimeError as e:
@@ -76,8 +72,8 @@ def save_snapshot(path: str | Path, snapshot: Snapshot) -> None:
     meta = {"kind": "snapshot", "network": None if snapshot.network is None else snapshot.network.to_dict(),
             "sigma_rel": snapshot.sigma_rel, "nimg": int(snapshot.nimg), "info": snapshot.info,
             "parameter_names": sorted(snapshot.state_dict), "encoder": snapshot.encoder}
-    if isinstance(snapshot.network, EDMNetworkConfig):
-        meta["network_class"] = snapshot.network.class_name
+    if snapshot.network is not None and snapshot.network.class_name != NetworkConfig.class_name:
+        meta["network_class"] = snapshot.network.class_name  # absent: EDM2's Precond
     if snapshot.averaged_names is not None:
         missing = sorted(set(snapshot.averaged_names) - set(snapshot.state_dict))
         if missing:
@@ -86,14 +82,12 @@ def save_snapshot(path: str | Path, snapshot: Snapshot) -> None:
     save_tensors(path, snapshot.state_dict, meta)
 
 
-def network_from_metadata(network: dict | None, network_class: str | None) -> NetworkConfig | EDMNetworkConfig:
-    """The network config a snapshot's metadata describes: `network_class` absent (None) means EDM2's
-    `Precond` with arguments `network`, else the official class of the EDM release with arguments `network`."""
+def network_from_metadata(network: dict | None, network_class: str | None) -> NetworkSpec:
+    """The network spec a snapshot's metadata describes: `network_class` absent (None) means EDM2's `Precond`
+    with arguments `network`, else the official class of the EDM release with arguments `network`."""
     if not isinstance(network, dict):
         raise ValueError(f"no network config (got {type(network).__name__})")
-    if network_class is None:
-        return NetworkConfig.from_dict(network)
-    return EDMNetworkConfig(str(network_class), dict(network))
+    return network_spec(network_class, network)
 
 
 def load_snapshot(path: str | Path) -> Snapshot:

@@ -209,42 +209,16 @@ class Precond(torch.nn.Module):
     """EDM preconditioning around the U-Net, D(x; sigma) = c_skip x + c_out F(c_in x; c_noise), plus
     the uncertainty head u(sigma) of the EDM2 loss (Section 2 / Eq. 21)."""
 
-    def __init__(
-        self,
-        img_resolution: int,
-        img_channels: int,
-        label_dim: int,
-        model_channels: int = 192,
-        channel_mult: Sequence[int] = (1, 2, 3, 4),
-        channel_mult_noise: int | None = None,
-        channel_mult_emb: int | None = None,
-        num_blocks: int = 3,
-        attn_resolutions: Sequence[int] = (16, 8),
-        label_balance: float = 0.5,
-        concat_balance: float = 0.5,
-        resample_filter: Sequence[float] = (1, 1),
-        channels_per_head: int = 64,
-        dropout: float = 0.0,
-        res_balance: float = 0.3,
-        attn_balance: float = 0.3,
-        clip_act: float | None = 256,
-        use_fp16: bool = True,
-        sigma_data: float = 0.5,
-        logvar_channels: int = 128,
-    ) -> None:
+    def __init__(self, img_resolution: int, img_channels: int, label_dim: int, use_fp16: bool = True,
+                 sigma_data: float = 0.5, logvar_channels: int = 128, **unet_kwargs) -> None:
+        """`unet_kwargs`: the options of `UNet` (model_channels, channel_mult, ..., official names)."""
         super().__init__()
         self.img_resolution = img_resolution
         self.img_channels = img_channels
         self.label_dim = label_dim
         self.use_fp16 = use_fp16
         self.sigma_data = sigma_data
-        self.unet = UNet(
-            img_resolution, img_channels, label_dim, model_channels=model_channels, channel_mult=channel_mult,
-            channel_mult_noise=channel_mult_noise, channel_mult_emb=channel_mult_emb, num_blocks=num_blocks,
-            attn_resolutions=attn_resolutions, label_balance=label_balance, concat_balance=concat_balance,
-            resample_filter=resample_filter, channels_per_head=channels_per_head, dropout=dropout,
-            res_balance=res_balance, attn_balance=attn_balance, clip_act=clip_act,
-        )
+        self.unet = UNet(img_resolution, img_channels, label_dim, **unet_kwargs)
         self.logvar_fourier = MPFourier(logvar_channels)
         self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
         self.precision: str | None = None

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from edm2.networks.dhariwal import DhariwalUNet
-from edm2.networks.edm2 import LOW_PRECISION_DTYPES, PRECISIONS, Precond
+from edm2.networks.edm2 import LOW_PRECISION_DTYPES, PRECISIONS
 from edm2.networks.songunet import SongUNet
 from edm2.schedules import (
     IDDPM_C_1,
@@ -36,8 +36,7 @@ from edm2.schedules import (
     vp_sigma_inv,
 )
 
-__all__ = ["VPPrecond", "VEPrecond", "iDDPMPrecond", "EDMPrecond", "MODEL_TYPES", "NETWORK_CLASSES",
-           "build_network", "network_class_name"]
+__all__ = ["VPPrecond", "VEPrecond", "iDDPMPrecond", "EDMPrecond", "MODEL_TYPES"]
 
 MODEL_TYPES: dict[str, type[torch.nn.Module]] = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
 
@@ -238,43 +237,6 @@ class EDMPrecond(_Preconditioning):
         sd = self.sigma_data
         return (sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt(), 1 / (sd**2 + sigma**2).sqrt(),
                 sigma.log() / 4)
-
-
-# The one mapping from an official class name to a network ("Precond" is EDM2's).
-NETWORK_CLASSES: dict[str, type[torch.nn.Module]] = {
-    "VPPrecond": VPPrecond, "VEPrecond": VEPrecond, "iDDPMPrecond": iDDPMPrecond, "EDMPrecond": EDMPrecond,
-    "Precond": Precond,
-}
-
-
-def build_network(class_name: str, kwargs: Mapping) -> torch.nn.Module:
-    """The network of official class `class_name` built from its official flat constructor arguments (those
-    of an official pickle's `init_kwargs`, or of an edm2 snapshot), freshly initialized. For the four EDM
-    preconditionings, arguments that are not the class's own go to its `model_type`; ValueError names
-    unknown classes and arguments."""
-    if class_name not in NETWORK_CLASSES:
-        raise ValueError(f"unknown network class {class_name!r}; choose one of {', '.join(NETWORK_CLASSES)}")
-    cls = NETWORK_CLASSES[class_name]
-    kwargs = dict(kwargs)
-    params = inspect.signature(cls.__init__).parameters
-    if cls is Precond:
-        unknown = sorted(set(kwargs) - set(params) - {"self"})
-        if unknown:
-            raise ValueError(f"unknown argument(s) {unknown} for Precond")
-        return Precond(**kwargs)
-    own = {k: kwargs.pop(k) for k in list(kwargs) if k in params and k not in ("self", "model_kwargs")}
-    missing = [k for k in ("img_resolution", "img_channels") if k not in own]
-    if missing:
-        raise ValueError(f"{class_name} needs {' and '.join(missing)}")
-    return cls(**own, model_kwargs=kwargs)
-
-
-def network_class_name(net: torch.nn.Module) -> str:
-    """The official class name of an edm2 network (the key of `NETWORK_CLASSES`)."""
-    for name, cls in NETWORK_CLASSES.items():
-        if type(net) is cls:
-            return name
-    raise ValueError(f"{type(net).__name__} is not one of the networks edm2 can rebuild ({', '.join(NETWORK_CLASSES)})")
 
 
 def _check_model_kwargs(model_type: str, model_kwargs: Mapping) -> None:

@@ -10,7 +10,8 @@ from edm2 import runtime
 from edm2.data.encoders import Encoder, encoder_from_dict
 from edm2.data.folder import ImageFolderDataset
 from edm2.data.latent_stats import load_latent_stats
-from edm2.presets import PRESETS, EDMNetworkConfig, NetworkConfig, Preset, get_preset
+from edm2.networks.spec import NetworkConfig, NetworkSpec
+from edm2.presets import PRESETS, EDMRecipe, Preset, get_preset
 from edm2.training import recipes
 
 __all__ = ["TrainOptions", "RunConfig", "resolve_run", "resolve_encoder"]
@@ -60,7 +61,7 @@ class RunConfig:
     data: str
     dataset: dict
     preset: str
-    network: dict
+    network: NetworkSpec  # EDM2's Precond (NetworkConfig) or an EDM-release network (EDMNetworkConfig)
     batch: int
     batch_gpu: int
     lr: float
@@ -80,10 +81,7 @@ class RunConfig:
     allow_tf32: bool = False
     provenance: dict = field(default_factory=dict)  # name -> {value, source, rule}: see edm2.training.recipes
     budget: dict | None = None  # the BudgetPlan of a run given a time budget
-    # EDM-release runs (edm-* presets): the official class of `network` (None: EDM2's Precond) and the recipe
-    # (`EDMRecipe.to_dict()`: loss, augment, EMA half-life and ramp-up, Adam betas, loss scaling).
-    network_class: str | None = None
-    edm: dict | None = None
+    edm: EDMRecipe | None = None  # EDM-release runs (edm-* presets): loss, augment, EMA, Adam betas, loss scaling
     encoder: dict | None = None  # how data maps to the network's space (official terms); None: StandardRGBEncoder
     workers: int = 0  # DataLoader worker processes per training process
 
@@ -92,17 +90,29 @@ class RunConfig:
     MUTABLE = ("duration", "status", "snapshot", "checkpoint", "batch_gpu", "precision", "compile", "processes",
                "allow_tf32", "provenance", "budget", "workers")
 
+    @property
+    def network_class(self) -> str | None:
+        """The official class of an EDM-release network; None for EDM2's Precond (as `training_options.json`)."""
+        return None if isinstance(self.network, NetworkConfig) else self.network.class_name
+
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        """Plain JSON data, as `training_options.json` stores it."""
+        d = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "edm":
+                d["network_class"] = self.network_class
+            if f.name in ("network", "edm") and value is not None:
+                value = value.to_dict()
+            d[f.name] = list(value) if isinstance(value, tuple) else value
+        return d
 
     def identity(self) -> dict:
         return {k: v for k, v in self.to_dict().items() if k not in self.MUTABLE}
 
-    def network_config(self) -> NetworkConfig | EDMNetworkConfig:
+    def network_config(self) -> NetworkSpec:
         """The network this run trains."""
-        if self.network_class is None:
-            return NetworkConfig.from_dict(self.network)
-        return EDMNetworkConfig(self.network_class, dict(self.network))
+        return self.network
 
 
 def _preset(opts: TrainOptions, dataset, channels: int, device) -> tuple[Preset, recipes.Setting]:
@@ -169,15 +179,14 @@ def resolve_run(opts: TrainOptions, dataset, world: int | None = None, plan: rec
                   **_plain(opts, preset, preset_setting), **_schedule(opts, preset, duration, batch, previous)}
     value = {k: s.value for k, s in provenance.items()}
     run = RunConfig(
-        data=opts.data, dataset=_describe(opts, dataset), preset=preset.name, network=net.to_dict(), batch=batch,
+        data=opts.data, dataset=_describe(opts, dataset), preset=preset.name, network=net, batch=batch,
         batch_gpu=batch_gpu, lr=value["lr"], decay=value["decay"], rampup_Mimg=value["rampup"] / 1e6,
         P_mean=value["P_mean"], P_std=value["P_std"], ema_stds=tuple(value["ema_stds"]), seed=opts.seed,
         duration=int(duration.value), status=value["status"], snapshot=value["snapshot"],
         checkpoint=value["checkpoint"], precision=precision, compile=bool(opts.compile), processes=world,
         allow_tf32=bool(opts.allow_tf32), provenance={k: s.to_dict() for k, s in provenance.items()},
-        budget=None if plan is None else plan.to_dict(), network_class=net.class_name if edm is not None else None,
-        edm=edm, encoder=None if not preset.latents else encoder.to_dict(),
-        workers=_workers(opts, dataset),
+        budget=None if plan is None else plan.to_dict(), edm=edm,
+        encoder=None if not preset.latents else encoder.to_dict(), workers=_workers(opts, dataset),
     )
     _check(run, provenance)
     return run
@@ -196,13 +205,13 @@ def _check_data(opts: TrainOptions, dataset, preset: Preset, channels: int) -> N
                          "or train with --uncond")
 
 
-def _network(preset: Preset, edm: dict | None, label_dim: int, dropout: float | None):
+def _network(preset: Preset, edm: EDMRecipe | None, label_dim: int, dropout: float | None) -> NetworkSpec:
     """The preset's network for this data: its label dimension, the dropout asked for, and (EDM recipe) augment
     labels (augment_dim 9) exactly when augmenting, as the official train.py."""
     dropout = preset.network.dropout if dropout is None else dropout
     if edm is None:
-        return dataclasses.replace(preset.network, label_dim=label_dim, dropout=dropout)
-    return preset.network.replace(label_dim=label_dim, dropout=dropout, augment_dim=9 if edm["augment"] else 0)
+        return preset.network.replace(label_dim=label_dim, dropout=dropout)
+    return preset.network.replace(label_dim=label_dim, dropout=dropout, augment_dim=9 if edm.augment else 0)
 
 
 def _plain(opts: TrainOptions, preset: Preset, preset_setting: recipes.Setting) -> dict[str, recipes.Setting]:
@@ -266,22 +275,22 @@ def _check(run: RunConfig, provenance: dict) -> None:
         raise ValueError("--ema-stds is empty; an EDM2 run tracks at least one power-function EMA (e.g. 0.05,0.10)")
 
 
-def _resolve_edm(preset: Preset, opts: TrainOptions) -> dict | None:
+def _resolve_edm(preset: Preset, opts: TrainOptions) -> EDMRecipe | None:
     """The EDM recipe of an edm-* preset with the --augment/--ema overrides; None for EDM2 presets."""
     if preset.edm is None:
         if opts.augment is not None or opts.ema is not None:
             raise ValueError(f"--augment and --ema belong to the EDM (2022) recipe; preset {preset.name} trains with "
                              "EDM2's (power-function EMAs: --ema-stds); choose an edm-* preset")
         return None
-    edm = preset.edm.to_dict()
+    edm = preset.edm
     if opts.augment is not None:
         if not 0 <= opts.augment <= 1:
             raise ValueError(f"--augment is a probability in [0, 1], got {opts.augment}")
-        edm["augment"] = float(opts.augment)
+        edm = dataclasses.replace(edm, augment=float(opts.augment))
     if opts.ema is not None:
         if not opts.ema >= 0:
             raise ValueError(f"--ema is a half-life in millions of images (>= 0), got {opts.ema}")
-        edm["ema_halflife_Mimg"] = float(opts.ema)
+        edm = dataclasses.replace(edm, ema_halflife_Mimg=float(opts.ema))
     return edm
 
 

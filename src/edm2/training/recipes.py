@@ -161,11 +161,11 @@ def choose_preset(resolution: int, channels: int, num_images: int, hardware: str
     net = row.preset.network
     if (resolution, channels) != (net.img_resolution, net.img_channels):
         lowest = resolution >> (row.levels() - 1)
-        net = dataclasses.replace(net, img_resolution=resolution, img_channels=channels,
-                                  attn_resolutions=(lowest,) if net.attn_resolutions else ())
+        net = net.replace(img_resolution=resolution, img_channels=channels,
+                          attn_resolutions=(lowest,) if net.attn_resolutions else ())
     note = ""
     if num_images < SMALL_DATASET and net.dropout == 0:
-        net = dataclasses.replace(net, dropout=0.10)
+        net = net.replace(dropout=0.10)
         note = f", dropout 0.10 (fewer than {SMALL_DATASET} images)"
     reason = f"{resolution}x{resolution}x{channels}, {num_images} images, {hardware}: {row.preset.name}{note}"
     return dataclasses.replace(row.preset, network=net), reason

@@ -25,7 +25,7 @@ from edm2.data import BatchStream, Encoder, StandardRGBEncoder, encoder_from_dic
 from edm2.ema.trackers import EMATrackers, PosthocEMA, TraditionalEMATracker
 from edm2.layers import force_weight_normalization_
 from edm2.losses import EDM_LOSSES, EDM2Loss, EDMLoss
-from edm2.networks import Precond, build_network
+from edm2.networks import build_network
 from edm2.runtime import world_info
 from edm2.training.augment import EDM_AUGMENT_KWARGS, AugmentPipe
 from edm2.training.options import RunConfig
@@ -91,7 +91,7 @@ def setup(run: RunConfig, dataset, device: torch.device, outdir: str | Path | No
     and, with an `outdir` on rank 0, the EMA tracker. `dataset`: what `edm2.data.open_dataset` returns."""
     rank, world = world_info()
     torch.manual_seed(run.seed)
-    net = Precond(**run.network) if run.network_class is None else build_network(run.network_class, run.network)
+    net = build_network(run.network)
     net = net.train().requires_grad_(True).set_precision(run.precision)
     # channels_last pays with low-precision convolutions (oneDNN/AMX on CPU, tensor cores on CUDA), not in
     # float32 on CPU (docs/benchmarks.md).
@@ -107,25 +107,24 @@ def setup(run: RunConfig, dataset, device: torch.device, outdir: str | Path | No
     ema = None
     if outdir is not None and rank == 0:
         info = {"preset": run.preset, "dataset": run.dataset, "data": run.data}
-        ema = PosthocEMA(net, outdir, run.ema_stds, snapshot_every=run.snapshot, network=run.network_config(),
+        ema = PosthocEMA(net, outdir, run.ema_stds, snapshot_every=run.snapshot, network=run.network,
                          rank=rank, info=info, encoder=encoder.to_dict()) if run.ema_stds else None
         if run.edm is not None:  # the EDM release's traditional EMA, with power EMAs beside it when asked
-            traditional = TraditionalEMATracker(net, outdir, run.edm["ema_halflife_Mimg"],
-                                                run.edm["ema_rampup_ratio"], run.snapshot, run.network_config(),
-                                                info, rank, encoder.to_dict())
+            traditional = TraditionalEMATracker(net, outdir, run.edm.ema_halflife_Mimg, run.edm.ema_rampup_ratio,
+                                                run.snapshot, run.network, info, rank, encoder.to_dict())
             ema = EMATrackers({"traditional": traditional, **({"power": ema} if ema is not None else {})})
-    edm = run.edm or {}
-    loss_fn = EDM2Loss(P_mean=run.P_mean, P_std=run.P_std, sigma_data=net.sigma_data) if not edm else \
-        _edm_loss(edm["loss"], run, net)
+    edm = run.edm
+    loss_fn = EDM2Loss(P_mean=run.P_mean, P_std=run.P_std, sigma_data=net.sigma_data) if edm is None else \
+        _edm_loss(edm.loss, run, net)
     data = BatchStream(dataset, run.seed, run.batch, run.batch_gpu, net.label_dim, rank, world,
                        xflip=run.dataset.get("xflip", False), max_size=run.dataset.get("max_size"),
                        workers=run.workers, pin_memory=device.type == "cuda")
     return Trainer(
         run=run, device=device, net=net, ddp=ddp, model=torch.compile(model) if run.compile else model,
         optimizer=make_adam(net.parameters(), fused=True,  # one kernel for all tensors, CPU and CUDA
-                            betas=tuple(edm.get("adam_betas", ADAM_BETAS))),
+                            betas=ADAM_BETAS if edm is None else tuple(edm.adam_betas)),
         scaler=scaler, loss_fn=loss_fn, data=data, ema=ema,
-        augment_pipe=AugmentPipe(p=edm["augment"], **EDM_AUGMENT_KWARGS) if edm.get("augment") else None,
+        augment_pipe=AugmentPipe(p=edm.augment, **EDM_AUGMENT_KWARGS) if edm is not None and edm.augment else None,
         encoder=encoder,
     )
 
@@ -158,7 +157,7 @@ def train_step(t: Trainer, cur_nimg: int,
     # The VAE encoder samples each latent from its stored mean and std: from the same generator, after the noise.
     latent_noise = torch.randn(shape, device=t.device, generator=gen) if t.encoder.stochastic else None
     augment = None if t.augment_pipe is None else t.augment_pipe.sample(run.batch, t.device, gen)
-    loss_scaling = 1.0 if run.edm is None else run.edm["loss_scaling"]
+    loss_scaling = 1.0 if run.edm is None else run.edm.loss_scaling
     loss_sum = torch.zeros([], device=t.device)
     for r, (images, labels) in enumerate(micro_batches):
         start = t.data.offsets[r]
