@@ -1,6 +1,6 @@
-"""`edm2.generate`: grids and PNG files, the official per-seed drawing order (noise, class, churn noise), and
-the sampler settings from the command line down to the sampler (the sampler itself is tested in
-test_sampling)."""
+"""`edm2.generate`: grids and PNG files, the official per-seed drawing order (noise, class, churn noise), the
+sampler settings from the command line down to the sampler (the sampler itself is tested in test_sampling), and
+the sampling session that `generate_images` and the metrics' generate-and-measure share."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from PIL import Image
 
 from edm2.checkpoint import Snapshot, save_snapshot
 from edm2.cli import main
-from edm2.data import to_uint8
-from edm2.generate import make_grid, sample_batch, save_png
+from edm2.data import StandardRGBEncoder, to_uint8
+from edm2.generate import SamplingSession, generate_images, make_grid, sample_batch, save_png
+from edm2.metrics.measure import ModelUnderTest, measure_model
 from edm2.networks import Precond
 from edm2.presets import NetworkConfig
 from edm2.sampling import SamplerSettings, edm_sampler
@@ -133,3 +134,121 @@ def test_cli_bad_sampler_options_are_one_line_errors(args, fragment, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("edm2: error:") and fragment in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The sampling session: one request check, one preparation, one batching for `generate_images` and the metrics.
+
+
+def read_png(path) -> torch.Tensor:
+    """uint8 [C, H, W] of a PNG."""
+    with Image.open(path) as img:
+        arr = np.array(img)
+    return torch.from_numpy(arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+class PixelRecorder:
+    """A feature network stand-in for `measure_model`: keeps the uint8 pixels it is fed, returns two features."""
+
+    feature_dim = 2
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.fed: list[torch.Tensor] = []
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.fed.append(pixels.clone())
+        return pixels.flatten(1)[:, :2].to(torch.float32)
+
+
+SESSION_SETTINGS = SamplerSettings(num_steps=4, S_churn=20, S_min=0.05, S_max=50)
+SESSION_SEEDS = [5, 0, 2**32 + 7, 12, 3, 8, 1]  # unordered, one beyond 32 bits; 7 in batches of 3
+
+
+def test_generate_and_measure_feed_the_same_pixels_for_the_same_seeds(tmp_path):
+    """The pixels `measure_model` feeds the feature networks (and writes with `outdir`) are those `generate_images`
+    writes, and the decoding of the samples it returns: one session makes both."""
+    net = _loud_net()
+    images = generate_images(net, SESSION_SEEDS, tmp_path / "gen", SESSION_SETTINGS, batch_size=3)
+    recorder = PixelRecorder()
+    model = ModelUnderTest(net, settings=SESSION_SETTINGS, batch_size=3)
+    stats = measure_model(model, SESSION_SEEDS, {"rec": recorder}, outdir=tmp_path / "measure")
+    assert stats["rec"].num_images == len(SESSION_SEEDS)
+    fed = torch.cat(recorder.fed)
+    assert [len(b) for b in recorder.fed] == [3, 2, 2]  # the official split: equal-sized batches
+    assert torch.equal(fed, StandardRGBEncoder().decode(images))
+    assert torch.equal(fed, torch.stack([read_png(tmp_path / "gen" / f"{s:06d}.png") for s in SESSION_SEEDS]))
+    for seed in SESSION_SEEDS:
+        name = f"{seed:06d}.png"
+        assert (tmp_path / "measure" / name).read_bytes() == (tmp_path / "gen" / name).read_bytes()
+    assert len({read_png(tmp_path / "gen" / f"{s:06d}.png").numpy().tobytes() for s in SESSION_SEEDS}) == 7
+
+
+def test_session_batches_carry_positions_seeds_classes_and_decoded_pixels():
+    net = _loud_net()
+    classes = [2, 0, 1, 1, 0, 2, 2]
+    session = SamplingSession(net, settings=SESSION_SETTINGS, batch_size=3)
+    batches = list(session.batches(SESSION_SEEDS, class_idx=classes))
+    assert [b.positions for b in batches] == [[0, 1, 2], [3, 4], [5, 6]]
+    assert [s for b in batches for s in b.seeds] == SESSION_SEEDS
+    assert torch.cat([b.classes for b in batches]).tolist() == classes
+    for b in batches:
+        assert b.pixels.dtype == torch.uint8 and torch.equal(b.pixels, to_uint8(b.images))
+    alone, _ = sample_batch(net, SESSION_SEEDS[3:5], class_idx=classes[3:5], settings=SESSION_SETTINGS)
+    assert torch.equal(batches[1].images, alone)
+    again = generate_images(net, SESSION_SEEDS, None, SESSION_SETTINGS, batch_size=3, class_idx=classes)
+    assert torch.equal(torch.cat([b.images for b in batches]), again)
+
+
+VAE_SPACE = {"class": "StabilityVAEEncoder", "kwargs": {"vae_name": "somewhere"}}
+
+
+@pytest.mark.parametrize("session, seeds, class_idx, fragment", [
+    (dict(), [], None, "no seeds given"),
+    (dict(batch_size=0), [1], None, "--batch must be positive"),
+    (dict(settings=SamplerSettings(guidance=2.0)), [1], None, "needs a guide model"),
+    (dict(), [1, 2], 3, "class 3 outside 0..2"),
+    (dict(), [1, 2], [0, -1], "outside 0..2"),
+    (dict(), [1, 2, 3], [0, 1], "2 classes for 3 seeds"),
+], ids=["no-seeds", "batch", "guidance", "class", "class-list", "class-count"])
+def test_session_refuses_a_bad_request_before_anything_happens(session, seeds, class_idx, fragment, tmp_path):
+    """The session's checks, at the call (not at the first batch), are those of `generate_images` and of
+    `measure_model`: nothing written."""
+    net = _loud_net()
+    with pytest.raises(ValueError, match=fragment):
+        SamplingSession(net, **session).batches(seeds, class_idx)
+    with pytest.raises(ValueError, match=fragment):
+        generate_images(net, seeds, tmp_path / "out", session.get("settings", SamplerSettings()),
+                        batch_size=session.get("batch_size", 64), class_idx=class_idx)
+    if class_idx is None:  # the metrics draw each seed's class
+        with pytest.raises(ValueError, match=fragment):
+            measure_model(ModelUnderTest(net, **session), seeds, {"rec": PixelRecorder()}, outdir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_session_compares_the_spaces_of_known_snapshot_encoders_only():
+    net = _loud_net()
+    rgb = {"class": "StandardRGBEncoder", "kwargs": {}}
+    other_vae = {"class": "StabilityVAEEncoder", "kwargs": {"vae_name": "elsewhere"}}
+    for encoders in (None, (None, rgb), (rgb, None), (VAE_SPACE, other_vae)):  # unknown, or one space
+        SamplingSession(net, net, snapshot_encoders=encoders).check([1])
+    SamplingSession(net, snapshot_encoders=(rgb, VAE_SPACE)).check([1])  # no guide: nothing to compare
+    with pytest.raises(ValueError, match="another space"):
+        SamplingSession(net, net, snapshot_encoders=(VAE_SPACE, rgb)).check([1])
+
+
+def test_session_makes_the_sampler_steps_once_for_all_batches(monkeypatch):
+    made = []
+    real = SamplerSettings.time_steps
+
+    def counting(self, net, device="cpu"):
+        made.append(1)
+        return real(self, net, device)
+
+    monkeypatch.setattr(SamplerSettings, "time_steps", counting)
+    net = _loud_net()
+    images = generate_images(net, SESSION_SEEDS, None, SESSION_SETTINGS, batch_size=3)  # 3 batches
+    assert len(made) == 1
+    chunks = np.array_split(np.array(SESSION_SEEDS, dtype=np.int64), 3)  # the official split: 3, 2 and 2 seeds
+    per_batch = torch.cat([sample_batch(net, c.tolist(), settings=SESSION_SETTINGS)[0] for c in chunks])
+    assert len(made) == 1 + 3 and torch.equal(images, per_batch)  # steps made per batch: the same images

@@ -11,10 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 from detector_weights import write_small_dinov2
+from PIL import Image
 
 from edm2.cli import main
 
@@ -80,6 +82,35 @@ def test_generate_and_measure_equals_measuring_the_pngs(setup):
         name = f"{seed:06d}.png"
         assert (root / "gen" / name).read_bytes() == (setup["images"] / name).read_bytes()
     assert sorted(p.name for p in (root / "gen").iterdir())[-1] == "000023.png"  # the second range, 12-23
+
+
+def png_pixels(path: Path) -> torch.Tensor:
+    with Image.open(path) as img:
+        return torch.from_numpy(np.array(img))
+
+
+def test_gen_pngs_are_the_pixels_generate_writes_for_every_seed(setup, tmp_path):
+    """`metrics gen --outdir` writes (and measures) the pixels `edm2 generate` writes for the same seeds, whatever
+    the batches of either (generate made the reference PNGs in one batch of 12)."""
+    ok(invoke("metrics", "gen", "--net", setup["net"], "--ref", setup["ref"], "--seeds", "0-11", "--outdir",
+              tmp_path / "gen", "--detector-dir", setup["det"], "--batch", "5", *GEN))
+    names = [f"{s:06d}.png" for s in range(12)]
+    assert sorted(p.name for p in (tmp_path / "gen").iterdir()) == names
+    for name in names:
+        assert torch.equal(png_pixels(tmp_path / "gen" / name), png_pixels(setup["images"] / name)), name
+
+
+def test_gen_refuses_a_guide_of_another_space_as_generate_does(setup, tmp_path):
+    """A latent guide for a pixel model: `metrics gen --gnet` stops with the one-line error of `edm2 generate`
+    before loading anything else, and writes nothing."""
+    latent = tmp_path / "latent.safetensors"
+    ok(invoke("convert", PICKLES / "edm2_latent.pkl", latent))
+    guide = ["--net", setup["net"], "--gnet", latent, "--guidance", "2", "--seeds", "0-3", "--outdir", tmp_path / "out"]
+    gen = assert_one_line_error(invoke("metrics", "gen", *guide, "--ref", setup["ref"], "--detector-dir",
+                                       tmp_path / "no-detectors", *GEN), "--gnet works in another space")
+    generate = assert_one_line_error(invoke("generate", *guide, *GEN))
+    assert gen == generate
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latent.safetensors"]
 
 
 def test_reference_in_the_official_layout(setup, tmp_path):

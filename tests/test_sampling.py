@@ -424,3 +424,24 @@ def test_edm_sigma_steps_dtype_and_errors():
         edm_sigma_steps(10, sigma_min=5, sigma_max=1)
     with pytest.raises(ValueError):
         edm_sigma_steps(10, sigma_min=0)
+
+
+@pytest.mark.parametrize("point", [dict(), dict(discretization="vp", schedule="vp", scaling="vp", num_steps=6),
+                                   dict(discretization="ve", schedule="ve", alpha=0.5, num_steps=5, S_churn=3.0)])
+def test_steps_made_once_give_the_images_of_steps_made_per_call(point):
+    """The session makes the step tensor once and hands it to the solver for every batch: the images must equal
+    those of settings that make their steps themselves, batch by batch."""
+    from edm2.sampling import SamplerSettings
+
+    D = gaussian_denoiser(torch.full([1, 4, 4], 0.3), torch.tensor(0.2), per_class=False)
+    settings = SamplerSettings(**point)
+    steps = settings.time_steps(D)
+    for seeds in ([0, 1, 2], [3, 4]):
+        rnd_a, rnd_b = StackedRandomGenerator("cpu", seeds), StackedRandomGenerator("cpu", seeds)
+        noise = rnd_a.randn([len(seeds), 1, 4, 4])
+        assert torch.equal(noise, rnd_b.randn([len(seeds), 1, 4, 4]))
+        once = settings.sample(D, noise, randn_like=rnd_a.randn_like, steps=steps)
+        each = settings.sample(D, noise, randn_like=rnd_b.randn_like)
+        assert torch.equal(once, each)
+    first = steps if isinstance(steps, torch.Tensor) else steps.t
+    assert first[-1] == 0 and bool((first[:-1] > first[1:]).all())  # t_0 > ... > t_N = 0

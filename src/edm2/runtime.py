@@ -12,6 +12,7 @@ import os
 import signal
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 from edm2.layers import fast_paths
@@ -19,7 +20,8 @@ from edm2.networks import PRECISIONS
 
 __all__ = [
     "resolve_device", "resolve_precision", "set_cuda_math", "fast_paths_for", "prepare_for_sampling",
-    "world_info", "distributed", "StopRequest", "agree_on_stop", "STOP_NONE", "STOP_PAUSE", "STOP_SIGNAL",
+    "world_info", "rank_batches", "distributed", "StopRequest", "agree_on_stop", "STOP_NONE", "STOP_PAUSE",
+    "STOP_SIGNAL",
 ]
 
 
@@ -99,6 +101,13 @@ def world_info() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def rank_batches(num: int, batch_size: int) -> list[np.ndarray]:
+    """This process's batches of indices 0..num-1: the official split (equal-sized batches dealt in turn)."""
+    rank, world = world_info()
+    num_batches = max((num - 1) // (batch_size * world) + 1, 1) * world
+    return np.array_split(np.arange(num), num_batches)[rank::world]
 
 
 @contextlib.contextmanager

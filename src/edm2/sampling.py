@@ -19,8 +19,14 @@ import torch
 
 from edm2.schedules import (
     DISCRETIZATIONS,
+    IDDPM_C_1,
+    IDDPM_C_2,
+    IDDPM_M,
     SCALINGS,
     SCHEDULES,
+    VP_EPSILON_S,
+    NoiseSchedule,
+    SignalScaling,
     check_choice,
     default_sigma_range,
     edm_sigma_steps,
@@ -29,8 +35,8 @@ from edm2.schedules import (
     signal_scaling,
 )
 
-__all__ = ["edm_sigma_steps", "edm_sampler", "ablation_sampler", "SamplerSettings", "SOLVERS",
-           "StackedRandomGenerator", "Denoiser"]
+__all__ = ["edm_sigma_steps", "edm_sampler", "edm_solve", "ablation_sampler", "design_steps", "DesignSteps",
+           "ablation_solve", "SamplerSettings", "SOLVERS", "StackedRandomGenerator", "Denoiser"]
 
 Denoiser = Callable[..., torch.Tensor]
 SOLVERS = ("heun", "euler")
@@ -60,11 +66,20 @@ def edm_sampler(
     with `solver='euler'`. S_churn > 0 adds the stochastic churn of EDM Algorithm 2 on steps with
     S_min <= sigma <= S_max. With guidance w != 1 every evaluation is gnet + w (net - gnet).
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
-    denoise = _guided(net, gnet, guidance, labels, dtype)
+    check_choice("solver", solver, SOLVERS)
     t_steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, dtype=dtype, device=noise.device)
-    x_next = noise.to(dtype) * t_steps[0]
+    return edm_solve(_guided(net, gnet, guidance, labels, dtype), noise.to(dtype), t_steps, S_churn, S_min, S_max,
+                     S_noise, randn_like, solver)
+
+
+def edm_solve(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
+              t_steps: torch.Tensor, S_churn: float = 0.0, S_min: float = 0.0, S_max: float = float("inf"),
+              S_noise: float = 1.0, randn_like: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
+              solver: str = "heun") -> torch.Tensor:
+    """EDM Algorithm 2 over the noise levels `t_steps` (sigma_0 > ... > sigma_N = 0, made once by
+    `edm_sigma_steps`): Heun with an Euler last step, or Euler; `denoise(x, sigma)` is D(x; sigma)."""
+    num_steps = len(t_steps) - 1
+    x_next = noise * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         x_cur = x_next
         if S_churn > 0 and S_min <= t_cur <= S_max:
@@ -119,10 +134,10 @@ def ablation_sampler(
     discretization: str = "edm",
     schedule: str = "linear",
     scaling: str = "none",
-    epsilon_s: float = 1e-3,
-    C_1: float = 0.001,
-    C_2: float = 0.008,
-    M: int = 1000,
+    epsilon_s: float = VP_EPSILON_S,
+    C_1: float = IDDPM_C_1,
+    C_2: float = IDDPM_C_2,
+    M: int = IDDPM_M,
     alpha: float = 1.0,
     S_churn: float = 0.0,
     S_min: float = 0.0,
@@ -149,20 +164,52 @@ def ablation_sampler(
     if not 0 < alpha <= 1:
         raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
     denoise = _guided(net, gnet, guidance, class_labels, dtype)
+    steps = design_steps(net, num_steps, sigma_min, sigma_max, rho, discretization, schedule, scaling, epsilon_s,
+                         C_1, C_2, M, dtype, latents.device)
+    return ablation_solve(denoise, latents.to(dtype), steps, solver, alpha, S_churn, S_min, S_max, S_noise,
+                          randn_like, randn_every_step)
+
+
+@dataclass(frozen=True)
+class DesignSteps:
+    """The time steps t_0 > ... > t_N = 0 of one point of the EDM design space, with the noise schedule sigma(t)
+    and signal scaling s(t) they are taken in, and the network's rounding of noise levels."""
+
+    t: torch.Tensor
+    schedule: NoiseSchedule
+    scaling: SignalScaling
+    round_sigma: Callable[[torch.Tensor], torch.Tensor]
+
+
+def design_steps(net: Denoiser, num_steps: int = 18, sigma_min: float | None = None, sigma_max: float | None = None,
+                 rho: float = 7.0, discretization: str = "edm", schedule: str = "linear", scaling: str = "none",
+                 epsilon_s: float = VP_EPSILON_S, C_1: float = IDDPM_C_1, C_2: float = IDDPM_C_2, M: int = IDDPM_M,
+                 dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> DesignSteps:
+    """The time steps `ablation_sampler` takes for a network (its noise range and `round_sigma` respected), made
+    once for any number of batches."""
     round_sigma = getattr(net, "round_sigma", lambda sigma: sigma)
     sigma_min, sigma_max = _supported_range(net, discretization, sigma_min, sigma_max, epsilon_s)
     sched = noise_schedule(schedule, sigma_min, sigma_max, epsilon_s)
-    scale = signal_scaling(scaling, sched)
-    steps = sigma_steps(discretization, num_steps, sigma_min, sigma_max, rho, epsilon_s, C_1, C_2, M, dtype,
-                        latents.device)
+    steps = sigma_steps(discretization, num_steps, sigma_min, sigma_max, rho, epsilon_s, C_1, C_2, M, dtype, device)
     t_steps = sched.sigma_inv(round_sigma(steps).to(dtype))
     t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])  # t_N = 0
+    return DesignSteps(t_steps, sched, signal_scaling(scaling, sched), round_sigma)
+
+
+def ablation_solve(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], latents: torch.Tensor,
+                   steps: DesignSteps, solver: str = "heun", alpha: float = 1.0, S_churn: float = 0.0,
+                   S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0,
+                   randn_like: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
+                   randn_every_step: bool = True) -> torch.Tensor:
+    """EDM Algorithm 1 (with Algorithm 2's churn) over `steps`: the ODE of EDM Eq. 4 from unit noise `latents`."""
+    sched, scale, round_sigma, t_steps = steps.schedule, steps.scaling, steps.round_sigma, steps.t
+    num_steps = len(t_steps) - 1
 
     def derivative(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # dx/dt of EDM Eq. 4
         D = denoise(x / scale.s(t), sched.sigma(t))
         return sched.sigma_deriv(t) * (x - scale.s(t) * D) / sched.sigma(t) + scale.s_deriv(t) / scale.s(t) * x
 
-    x_next = latents.to(dtype) * (sched.sigma(t_steps[0]) * scale.s(t_steps[0]))
+    x_next = latents * (sched.sigma(t_steps[0]) * scale.s(t_steps[0]))
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         x_cur = x_next
         churn = S_churn > 0 and S_min <= sched.sigma(t_cur) <= S_max
@@ -209,10 +256,10 @@ class SamplerSettings:
     schedule: str = "linear"
     scaling: str = "none"
     alpha: float = 1.0
-    epsilon_s: float = 1e-3
-    C_1: float = 0.001
-    C_2: float = 0.008
-    M: int = 1000
+    epsilon_s: float = VP_EPSILON_S
+    C_1: float = IDDPM_C_1
+    C_2: float = IDDPM_C_2
+    M: int = IDDPM_M
 
     def __post_init__(self) -> None:
         for option, value, choices in (("--solver", self.solver, SOLVERS), ("--disc", self.discretization,
@@ -251,27 +298,37 @@ class SamplerSettings:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def dtype_for(self, net: Denoiser) -> torch.dtype:
+        """The sampler's dtype for `net`: float64 for a network of the EDM (2022) release (one with `round_sigma`),
+        as its official `generate.py`; float32 for anything else (EDM2 networks, analytic denoisers)."""
+        return torch.float64 if hasattr(net, "round_sigma") else torch.float32
+
+    def time_steps(self, net: Denoiser, device: torch.device | str = "cpu") -> torch.Tensor | DesignSteps:
+        """The steps these settings take with `net`, made once for any number of batches: the noise levels of
+        `edm_sampler`, or the `DesignSteps` of `ablation_sampler` (EDM-release networks, other design points)."""
+        if self.is_edm_sampler and not hasattr(net, "round_sigma"):
+            return edm_sigma_steps(self.num_steps, self.sigma_min, self.sigma_max, self.rho, dtype=torch.float32,
+                                   device=device)
+        return design_steps(net, self.num_steps, self.sigma_min, self.sigma_max, self.rho, self.discretization,
+                            self.schedule, self.scaling, self.epsilon_s, self.C_1, self.C_2, self.M,
+                            self.dtype_for(net), device)
+
     def sample(self, net: Denoiser, noise: torch.Tensor, labels: torch.Tensor | None = None,
-               gnet: Denoiser | None = None,
-               randn_like: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like) -> torch.Tensor:
-        """Sample with these settings as the official code of the network's family does. A network of the
-        EDM (2022) release (one with `round_sigma`) goes through `ablation_sampler` as in its official
-        `generate.py`: float64, noise range clipped to the network's, churn noise drawn on every step. Anything
-        else (EDM2 networks, analytic denoisers) through `edm_sampler` in float32, or `ablation_sampler` in
-        float32 with EDM2's churn draws when the settings leave the EDM point of the design space."""
-        official_edm = hasattr(net, "round_sigma")
-        if self.is_edm_sampler and not official_edm:
-            return edm_sampler(net, noise, labels, gnet=gnet, num_steps=self.num_steps, sigma_min=self.sigma_min,
-                               sigma_max=self.sigma_max, rho=self.rho, guidance=self.guidance,
-                               S_churn=self.S_churn, S_min=self.S_min, S_max=self.S_max, S_noise=self.S_noise,
-                               randn_like=randn_like, solver=self.solver)
-        return ablation_sampler(
-            net, noise, labels, randn_like=randn_like, num_steps=self.num_steps, sigma_min=self.sigma_min,
-            sigma_max=self.sigma_max, rho=self.rho, solver=self.solver, discretization=self.discretization,
-            schedule=self.schedule, scaling=self.scaling, epsilon_s=self.epsilon_s, C_1=self.C_1, C_2=self.C_2,
-            M=self.M, alpha=self.alpha, S_churn=self.S_churn, S_min=self.S_min, S_max=self.S_max,
-            S_noise=self.S_noise, gnet=gnet, guidance=self.guidance,
-            dtype=torch.float64 if official_edm else torch.float32, randn_every_step=official_edm)
+               gnet: Denoiser | None = None, randn_like: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
+               steps: torch.Tensor | DesignSteps | None = None) -> torch.Tensor:
+        """Sample with these settings as the official code of the network's family does, over `steps` (made by
+        `time_steps` when not given). A network of the EDM (2022) release goes through `ablation_solve` as in
+        its official `generate.py`: float64, noise range clipped to the network's, churn noise drawn on every
+        step. Anything else through `edm_solve` in float32, or `ablation_solve` in float32 with EDM2's churn
+        draws when the settings leave the EDM point of the design space."""
+        dtype = self.dtype_for(net)
+        denoise = _guided(net, gnet, self.guidance, labels, dtype)
+        steps = self.time_steps(net, noise.device) if steps is None else steps
+        if isinstance(steps, torch.Tensor):
+            return edm_solve(denoise, noise.to(dtype), steps, self.S_churn, self.S_min, self.S_max, self.S_noise,
+                             randn_like, self.solver)
+        return ablation_solve(denoise, noise.to(dtype), steps, self.solver, self.alpha, self.S_churn, self.S_min,
+                              self.S_max, self.S_noise, randn_like, randn_every_step=hasattr(net, "round_sigma"))
 
 
 class StackedRandomGenerator:

@@ -34,7 +34,7 @@ def generate(net_path, outdir, seeds, class_idx, gnet_path, batch_size, grid, de
 
     from edm2.data import StandardRGBEncoder, encoder_from_dict
     from edm2.files import load_network
-    from edm2.generate import check_same_space, generate_images
+    from edm2.generate import SamplingSession, generate_with
     from edm2.runtime import distributed, resolve_device, resolve_precision
 
     if outdir is None and grid is None:
@@ -44,13 +44,13 @@ def generate(net_path, outdir, seeds, class_idx, gnet_path, batch_size, grid, de
         device = resolve_device(device)
         net, snap = load_network(net_path, device)
         gnet, gsnap = load_network(gnet_path, device) if gnet_path else (None, None)
-        if gsnap is not None:
-            check_same_space(snap.encoder, gsnap.encoder)
         encoder = encoder_from_dict(snap.encoder, vae_name=vae)
         if vae is not None and isinstance(encoder, StandardRGBEncoder):
             raise ValueError(f"--vae applies to latent models; {net_path} generates pixels")
-        encoder.init(device)  # a missing VAE is reported before any image is made
-        precision = resolve_precision(precision, device, net.use_fp16)
+        session = SamplingSession(net, gnet, settings, encoder, batch_size, device,
+                                  resolve_precision(precision, device, net.use_fp16), compile_net, allow_tf32,
+                                  (snap.encoder, gsnap.encoder) if gsnap is not None else None)
+        session.check(seed_list, class_idx)  # a guide of another space, a bad class, ... before the VAE loads
         bar = None  # created at the first finished batch, so that an early error stays a single line
 
         def progress(done: int, total: int) -> None:
@@ -59,10 +59,8 @@ def generate(net_path, outdir, seeds, class_idx, gnet_path, batch_size, grid, de
                 bar = bar or tqdm(total=total, unit="img")
                 bar.update(done - bar.n)
 
-        try:
-            generate_images(net, seed_list, outdir, settings, batch_size=batch_size, grid=grid, progress=progress,
-                            class_idx=class_idx, gnet=gnet, device=device, precision=precision,
-                            compile=compile_net, allow_tf32=allow_tf32, encoder=encoder)
+        try:  # the session loads a latent model's VAE before any image is made or folder written
+            generate_with(session, seed_list, outdir, grid, progress, class_idx)
         finally:
             if bar is not None:
                 bar.close()

@@ -192,17 +192,19 @@ def gen(net_path, gnet_path, ref_path, seeds, repeats, seed_stride, outdir, prec
         with warnings.catch_warnings(record=True) as caught:  # an official .pkl converted on the fly: one line
             warnings.simplefilter("always")
             net, snap = load_network(net_path, device)
-            gnet = load_network(gnet_path, device)[0] if gnet_path else None
+            gnet, gsnap = load_network(gnet_path, device) if gnet_path else (None, None)
         for w in caught:
             click.echo(f"edm2: warning: {w.message}", err=True)
         encoder = encoder_from_dict(snap.encoder, vae_name=vae)
+        model = ModelUnderTest(net, gnet, settings, encoder, batch_size, device,
+                               resolve_precision(precision, device, net.use_fp16),
+                               (snap.encoder, gsnap.encoder) if gsnap is not None else None)
+        model.session().check(runs[0])  # the request as `edm2 generate` checks it, before anything is loaded
         encoder.init(device)  # a latent model's VAE: loaded (and its resolution known) before the detectors
         resolution = encoder.pixel_resolution(net.img_resolution)
         reference.check(metric_names, (resolution, resolution))
         device, detectors = _setup(metric_names, detector_dir, str(device))
         reference.check(metric_names, dims={m: d.feature_dim for m, d in detectors.items()})
-        model = ModelUnderTest(net, gnet, settings, encoder, batch_size, device,
-                               resolve_precision(precision, device, net.use_fp16))
         keep = min((len(reference.stats[m].features) for m in metric_names
                     if reference.stats[m].features is not None), default=0)
         with _bar(rank, sum(map(len, runs))) as progress:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from edm2.data import open_dataset
-from edm2.runtime import world_info
+from edm2.runtime import rank_batches
 
 __all__ = ["ImageFiles", "ArrayImages", "open_images", "rank_batches", "iterate_batches"]
 
@@ -103,13 +103,6 @@ def open_images(path: str | Path) -> ImageFiles | ArrayImages:
     if p.is_dir() or p.suffix.lower() == ".zip":
         return ImageFiles(p)
     return ArrayImages(path)
-
-
-def rank_batches(num: int, batch_size: int) -> list[np.ndarray]:
-    """This process's batches of indices 0..num-1: the official split (equal-sized batches dealt in turn)."""
-    rank, world = world_info()
-    num_batches = max((num - 1) // (batch_size * world) + 1, 1) * world
-    return np.array_split(np.arange(num), num_batches)[rank::world]
 
 
 def _collate(items: list[tuple[np.ndarray | None, str]]) -> tuple[torch.Tensor | None, str]:

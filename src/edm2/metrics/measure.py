@@ -16,13 +16,13 @@ import numpy as np
 import torch
 
 from edm2.data import Encoder, StandardRGBEncoder
-from edm2.generate import sample_batch, save_png
+from edm2.generate import SamplingSession, save_seed_pngs
 from edm2.metrics.detectors import Detector
 from edm2.metrics.frechet import frechet_distance_from_stats
-from edm2.metrics.images import ArrayImages, ImageFiles, iterate_batches, open_images, rank_batches
+from edm2.metrics.images import ArrayImages, ImageFiles, iterate_batches, open_images
 from edm2.metrics.precision_recall import precision_recall
 from edm2.metrics.stats import FeatureStats, MetricStats, Reference
-from edm2.runtime import fast_paths_for, prepare_for_sampling, set_cuda_math, world_info
+from edm2.runtime import set_cuda_math, world_info
 from edm2.sampling import SamplerSettings
 
 __all__ = ["decode_to_uint8", "measure_images", "ModelUnderTest", "measure_model", "compare",
@@ -78,7 +78,8 @@ def measure_images(source: str | Path | ImageFiles | ArrayImages, detectors: dic
 
 @dataclass
 class ModelUnderTest:
-    """A model and how to sample it: guide, sampler settings, encoder (from the snapshot), batch, device."""
+    """A model and how to sample it: guide, sampler settings, encoder (from the snapshot), batch, device, and the
+    `snapshot.encoder` of the network and the guide (None: not known; known, a guide of another space is refused)."""
 
     net: torch.nn.Module
     gnet: torch.nn.Module | None = None
@@ -87,41 +88,31 @@ class ModelUnderTest:
     batch_size: int = 32
     device: torch.device | str = "cpu"
     precision: str = "fp32"
+    snapshot_encoders: tuple[dict | None, dict | None] | None = None
 
-    def prepare(self) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-        if self.encoder is not None:
-            self.encoder.init(self.device)  # the VAE of a latent model: loaded before the first batch
-        if self.batch_size <= 0:
-            raise ValueError(f"--batch must be positive, got {self.batch_size}")
-        if self.settings.guidance != 1 and self.gnet is None:
-            raise ValueError(f"--guidance {self.settings.guidance} needs a guide model: pass --gnet SNAPSHOT")
-        set_cuda_math(torch.device(self.device))
-        gnet = None if self.gnet is None else prepare_for_sampling(self.gnet, self.precision)
-        return prepare_for_sampling(self.net, self.precision), gnet
+    def session(self) -> SamplingSession:
+        """The sampling session of `edm2.generate` for this model: request checks, preparation, batches."""
+        return SamplingSession(self.net, self.gnet, self.settings, self.encoder, self.batch_size, self.device,
+                               self.precision, snapshot_encoders=self.snapshot_encoders)
 
 
 def measure_model(model: ModelUnderTest, seeds: Sequence[int], detectors: dict[str, Detector], keep: int = 0,
                   outdir: str | Path | None = None, progress: Progress | None = None) -> dict[str, MetricStats]:
     """Statistics of the images `model` generates for `seeds` (class drawn from each seed, as in
-    `edm2.generate`), measured batch by batch; `outdir` also writes `<seed>.png`."""
-    net, gnet = model.prepare()
+    `edm2.generate`; the same pixels as `generate_images` makes), measured batch by batch; `outdir` also writes
+    `<seed:06d>.png`."""
+    batches = model.session().batches(seeds)  # checks the request and loads the VAE before anything is written
     if outdir is not None:
         Path(outdir).mkdir(parents=True, exist_ok=True)
     stats = _new_stats(detectors, keep)
-    seeds = np.asarray(seeds)
     world = world_info()[1]
-    with fast_paths_for(model.precision, False):
-        for positions in rank_batches(len(seeds), model.batch_size):
-            chunk = seeds[positions].tolist()
-            images, _ = sample_batch(net, chunk, gnet=gnet, settings=model.settings, device=model.device)
-            pixels = decode_to_uint8(images, model.encoder)
-            if outdir is not None:
-                for seed, image in zip(chunk, pixels.cpu()):
-                    save_png(Path(outdir) / f"{seed:06d}.png", image)
-            for m, d in detectors.items():
-                stats[m].update(d(pixels), positions.tolist())
-            if progress is not None:
-                progress(len(chunk) * world, len(seeds))
+    for batch in batches:
+        if outdir is not None:
+            save_seed_pngs(outdir, batch.seeds, batch.pixels)
+        for m, d in detectors.items():
+            stats[m].update(d(batch.pixels), batch.positions)
+        if progress is not None:
+            progress(len(batch.seeds) * world, len(seeds))
     return _finish(stats)
 
 

@@ -14,17 +14,13 @@ import torch
 from torch.nn.functional import silu
 
 from edm2.networks.edm_layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock
+from edm2.schedules import check_choice
 
 __all__ = ["SongUNet", "EMBEDDING_TYPES", "ENCODER_TYPES", "DECODER_TYPES", "label_dropout_mask"]
 
 EMBEDDING_TYPES = ("positional", "fourier")
 ENCODER_TYPES = ("standard", "skip", "residual")
 DECODER_TYPES = ("standard", "skip")
-
-
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def label_dropout_mask(x: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
@@ -56,9 +52,9 @@ class SongUNet(torch.nn.Module):
         decoder_type: str = "standard",
         resample_filter: Sequence[float] = (1, 1),
     ) -> None:
-        _check_choice("embedding_type", embedding_type, EMBEDDING_TYPES)
-        _check_choice("encoder_type", encoder_type, ENCODER_TYPES)
-        _check_choice("decoder_type", decoder_type, DECODER_TYPES)
+        check_choice("embedding_type", embedding_type, EMBEDDING_TYPES)
+        check_choice("encoder_type", encoder_type, ENCODER_TYPES)
+        check_choice("decoder_type", decoder_type, DECODER_TYPES)
         super().__init__()
         self.label_dropout = label_dropout
         self.augment_dim = augment_dim
