@@ -1,7 +1,0 @@
-"""Moved to `edm2.data.tool`; this name stays for existing code (the same module object)."""
-
-import sys
-
-import edm2.data.tool
-
-sys.modules[__name__] = edm2.data.tool

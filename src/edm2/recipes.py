@@ -1,7 +1,0 @@
-"""Moved to `edm2.training.recipes`; this name stays for existing code (the same module object)."""
-
-import sys
-
-import edm2.training.recipes
-
-sys.modules[__name__] = edm2.training.recipes
