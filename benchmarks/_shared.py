@@ -81,9 +81,9 @@ def random_trainer(preset: str, batch: int, device: torch.device, precision: str
     import numpy as np
 
     from edm2.data import ImageDataset
-    from edm2.options import TrainOptions, resolve_run
     from edm2.presets import get_preset
     from edm2.training import setup
+    from edm2.training.options import TrainOptions, resolve_run
 
     p = get_preset(preset)
     net = p.network

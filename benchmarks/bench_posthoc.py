@@ -3,7 +3,7 @@
     python benchmarks/bench_posthoc.py [--mb 32] [--ns 8,32] [--outputs 2] [--workdir DIR] [--no-naive]
 
 A generic model (a stack of Linear layers, --mb megabytes of float32 parameters) is tracked by
-`edm2.posthoc.PosthocEMA` (sigma_rel 0.05 and 0.10) over a synthetic training run and saved at the largest
+`edm2.ema.PosthocEMA` (sigma_rel 0.05 and 0.10) over a synthetic training run and saved at the largest
 number of snapshot times in --ns; the smaller counts use every k-th time of the same run (hard links, so
 all series span the same training time). Each reconstruction of --outputs EMA lengths runs in a fresh
 process that measures its peak resident memory above the baseline just before the call: from the
@@ -84,7 +84,7 @@ def make_model(mb: float) -> torch.nn.Module:
 
 
 def write_snapshots(model: torch.nn.Module, folder: Path, times: int) -> None:
-    from edm2.posthoc import PosthocEMA
+    from edm2.ema.trackers import PosthocEMA
 
     ema = PosthocEMA(model, folder, stds=(0.05, 0.10), snapshot_every=4)
     gen = torch.Generator().manual_seed(0)
@@ -99,8 +99,8 @@ def child(source: Path, outdir: Path, outputs: int, naive: bool) -> dict:
     """Measure one reconstruction in this (fresh) process."""
     import gc
 
-    from edm2.checkpoint import load_tensors
-    from edm2.reconstruct import posthoc_reconstruct, scan_snapshots
+    from edm2.ema.reconstruct import posthoc_reconstruct, scan_snapshots
+    from edm2.files import load_tensors
 
     stds = [0.06 + 0.04 * i for i in range(outputs)]
     gc.collect()

@@ -34,9 +34,9 @@ from _shared import log, machine_info
 from recipe_data import dataset_file
 
 from edm2.data import open_dataset
+from edm2.ema.sweep import ema_sweep
 from edm2.metrics.judge import Judge, JudgeQuality, train_judge
 from edm2.presets import PRESETS, NetworkConfig, Preset, TrainingConfig
-from edm2.sweep import ema_sweep
 from edm2.training import TrainOptions, train
 
 DATASETS = {"glyphs32": ("glyphs", 32), "shapes32": ("shapes", 32)}
@@ -126,7 +126,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from edm2.checkpoint import atomic_output
+    from edm2.files import atomic_output
 
     budgets = {}
     for r in rows:

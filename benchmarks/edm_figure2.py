@@ -84,7 +84,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from edm2.checkpoint import atomic_output
+    from edm2.files import atomic_output
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, errs in result["errors"].items():
@@ -110,7 +110,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     result = study([int(n) for n in args.nfe.split(",")], samples=args.samples, seed=args.seed)
-    from edm2.checkpoint import atomic_write_text
+    from edm2.files import atomic_write_text
 
     atomic_write_text(args.out / "edm_figure2.json", json.dumps(result, indent=2) + "\n")
     plot(result, args.out / "edm_figure2.png")

@@ -77,7 +77,7 @@ class Checks:
 
 def _scale_checkpointed(run: Path):
     def check():
-        from edm2.checkpoint import find_checkpoints, load_tensors
+        from edm2.files import find_checkpoints, load_tensors
 
         tensors, _ = load_tensors(find_checkpoints(run)[-1], kind="checkpoint")
         return None if "scaler/scale" in tensors else "fp16 run saved no loss scale"

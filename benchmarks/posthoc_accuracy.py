@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from edm2.ema import solve_posthoc_coefficients, std_to_exp
-from edm2.reconstruct import profile_error
+from edm2.ema.reconstruct import profile_error
 
 SETUPS = {"two averages (0.05, 0.10)": (0.05, 0.10), "one average (0.10)": (0.10,)}
 TAIL_FROM = 8  # n from which the slope is fitted for the asymptotic rate

@@ -132,7 +132,7 @@ MAKERS = {"glyphs": glyphs, "shapes": shapes}
 
 def dataset_file(kind: str, resolution: int, count: int, folder: str | Path, seed: int = 0) -> Path:
     """The `.npz` of `count` images of `kind` at `resolution` in `folder`, made on first use."""
-    from edm2.checkpoint import atomic_output
+    from edm2.files import atomic_output
 
     path = Path(folder) / f"{kind}{resolution}-{count}-seed{seed}.npz"
     if not path.exists():
