@@ -14,8 +14,8 @@ from edm2.ema.power import MAX_SIGMA_REL
 from edm2.sampling import SOLVERS, SamplerSettings
 from edm2.schedules import DISCRETIZATIONS, SCALINGS, SCHEDULES
 
-__all__ = ["UNITS", "parse_nimg", "NIMG", "parse_budget", "BUDGET", "parse_seeds", "parse_floats", "parse_std_list",
-           "parse_std_for", "sampler_options"]
+__all__ = ["UNITS", "parse_nimg", "NIMG", "parse_budget", "BUDGET", "parse_seeds", "parse_floats", "FLOATS",
+           "parse_std_list", "parse_std_for", "sampler_options"]
 
 UNITS = {"": 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
 
@@ -104,6 +104,22 @@ def parse_floats(text: str, option: str) -> list[float]:
         raise ValueError(f"{option} is empty")
     return values
 
+
+class FloatList(click.ParamType):
+    """Comma-separated numbers ('0.05,0.1') as a tuple of floats, as a click parameter type (`parse_floats`)."""
+
+    name = "text"  # shown as TEXT, like a plain string option
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            return tuple(parse_floats(value, param.opts[0] if param is not None else "the list"))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+FLOATS = FloatList()
 
 
 def parse_std_list(text: str, option: str = "--std") -> tuple[list[float], list[float]]:

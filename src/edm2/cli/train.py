@@ -2,96 +2,97 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import sys
+from collections.abc import Callable
 
 import click
 
 from edm2.cli.app import friendly_errors, main, one_voice
-from edm2.cli.params import BUDGET, NIMG, parse_floats
+from edm2.cli.params import BUDGET, FLOATS, NIMG
+from edm2.training.options import Option, TrainOptions, option_fields
+
+# The click types of the markers of `edm2.training.options.Option.kind`; plain types (str, int, float) stand as
+# they are, tuples are choices and bool is a flag.
+_TYPES: dict[str, click.ParamType] = {"nimg": NIMG, "budget": BUDGET, "floats": FLOATS,
+                                      "dir": click.Path(file_okay=False), "file": click.Path(dir_okay=False),
+                                      "count": click.IntRange(min=0)}
+
+
+def _click_type(kind: type | str | tuple[str, ...]) -> click.ParamType | type:
+    if isinstance(kind, tuple):
+        return click.Choice(kind)
+    return _TYPES[kind] if isinstance(kind, str) else kind
+
+
+def _click_option(f: dataclasses.Field) -> Callable:
+    """The click option of one `TrainOptions` field: its spelling, type, default (shown unless None or False) and
+    help; a field without a default is a required option."""
+    spec: Option = f.metadata["option"]
+    required = f.default is dataclasses.MISSING
+    default = None if required else f.default
+    show = default is not None and default is not False
+    if spec.kind is bool:
+        return click.option(spec.spelling(f.name), f.name, is_flag=True, default=default, show_default=show,
+                            help=spec.help)
+    return click.option(spec.spelling(f.name), f.name, type=_click_type(spec.kind), required=required,
+                        default=default, show_default=show, help=spec.help)
+
+
+def train_options() -> Callable:
+    """Decorator: an option for every `TrainOptions` field (edm2.training.options), in the order of the fields,
+    handed to the command as one `opts: TrainOptions` argument."""
+    fields = option_fields()
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            opts = TrainOptions(**{f.name: kwargs.pop(f.name) for f in fields})
+            return fn(*args, opts=opts, **kwargs)
+
+        for f in reversed(fields):
+            wrapper = _click_option(f)(wrapper)
+        return wrapper
+
+    return decorate
 
 
 @main.command()
-@click.option("--outdir", required=True, type=click.Path(file_okay=False), help="Run folder (resumes if it exists).")
-@click.option("--data", default="digits", show_default=True,
-              help="Folder or .zip of images or latents (`edm2 dataset`), .npz, or 'digits'.")
-@click.option("--preset", help="Network and recipe (see `edm2 info`), or 'auto': chosen for the data and the "
-                                "hardware.  [default: cpu-digits8 for the digits, auto for other data]")
-@click.option("--cond/--uncond", default=True, show_default=True, help="Class-conditional training.")
-@click.option("--duration", type=NIMG, help="Training length in images (e.g. 2Mi); the schedule follows it.  "
-                                            "[default: preset]")
-@click.option("--budget", type=BUDGET, help="Train for this long instead (e.g. 15min, 2h): the duration is planned "
-                                            "from the throughput of the first steps.")
-@click.option("--budget-clock", type=click.Choice(["wall", "cpu"]), default="wall", show_default=True,
-              help="What --budget counts: elapsed time or this process's CPU time.")
-@click.option("--rampup", type=NIMG, help="Learning-rate warm-up in images.  [default: preset, or 0.466 % of a "
-                                          "--duration/--budget]")
-@click.option("--batch", type=int, help="Total batch size.  [default: preset]")
-@click.option("--batch-gpu", type=int, help="Micro-batch per process; smaller than the batch accumulates gradients.")
-@click.option("--lr", type=float, help="Reference learning rate alpha_ref.  [default: preset]")
-@click.option("--decay", type=float, help="Learning-rate decay start t_ref, in batches; 0: no decay.  [default: "
-                                          "preset, or 6.68 % of a --duration/--budget]")
-@click.option("--dropout", type=float, help="Dropout probability.  [default: preset]")
-@click.option("--P-mean", "P_mean", type=float, help="Mean of ln(sigma) during training.  [default: preset]")
-@click.option("--P-std", "P_std", type=float, help="Std of ln(sigma) during training.  [default: preset]")
-@click.option("--status", type=NIMG, help="Status interval in images.  [default: preset]")
-@click.option("--snapshot", type=NIMG, help="EMA snapshot interval in images.  [default: preset]")
-@click.option("--checkpoint", type=NIMG, help="Checkpoint interval in images.  [default: preset]")
-@click.option("--ema-stds", help="Comma-separated sigma_rel of the tracked EMAs.  [default: 0.05,0.10; edm-* "
-                                "presets: none]")
-@click.option("--augment", type=float, help="edm-* presets: augmentation probability, 0 = off.  [default: preset]")
-@click.option("--ema", type=float, help="edm-* presets: traditional EMA half-life in Mimg.  [default: preset]")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
-              help="U-Net precision: fp32, bf16 (autocast, also on CPU) or fp16 (CUDA, dynamic loss scaling).  "
-                   "[default: fp16 on CUDA for presets with use_fp16, else fp32]")
-@click.option("--compile", "compile_net", is_flag=True, help="torch.compile the network (slow start, faster steps).")
-@click.option("--allow-tf32", is_flag=True, help="TF32 in CUDA convolutions and matrix products (off, as the "
-                                                  "official code trains).")
-@click.option("--xflip", is_flag=True, help="Double the dataset with mirrored images.")
-@click.option("--max-size", type=int, help="Train on a random subset of this many images.  [default: all]")
-@click.option("--latent-stats", type=click.Path(dir_okay=False),
-              help="Latent statistics from `edm2 dataset stats` to standardise latents with.  "
-                   "[default: the dataset's, else the official sd-vae-ft-mse values]")
-@click.option("--workers", type=click.IntRange(min=0),
-              help="Data loading processes per training process.  [default: 2 for data on disk, 0 in memory]")
+@train_options()
 @click.option("--dry-run", is_flag=True, help="Validate and print the resolved options, then exit.")
 @friendly_errors
-def train(outdir, data, preset, cond, duration, budget, budget_clock, rampup, batch, batch_gpu, lr, decay, dropout,
-          P_mean, P_std, status, snapshot, checkpoint, ema_stds, augment, ema, seed, device, precision, compile_net,
-          allow_tf32, xflip, max_size, latent_stats, workers, dry_run) -> None:
+def train(opts: TrainOptions, dry_run: bool) -> None:
     """Train a model (or resume the run in OUTDIR). Under torchrun, data-parallel over the processes."""
-    from edm2.complexity import count_complexity
-    from edm2.data import open_dataset
     from edm2.runtime import distributed
-    from edm2.training import plan_budget
     from edm2.training import train as run_training
-    from edm2.training.options import TrainOptions, resolve_run
-    from edm2.training.recipes import budget_clock as budget_clock_fn
 
-    stds = None if ema_stds is None else tuple(parse_floats(ema_stds, "--ema-stds"))
-    opts = TrainOptions(outdir=outdir, data=data, preset=preset, cond=cond, duration=duration, budget=budget,
-                        budget_clock=budget_clock, rampup=rampup, batch=batch, batch_gpu=batch_gpu, lr=lr, decay=decay,
-                        dropout=dropout, P_mean=P_mean, P_std=P_std, status=status, snapshot=snapshot,
-                        checkpoint=checkpoint, ema_stds=stds, seed=seed, device=device, precision=precision,
-                        compile=compile_net, allow_tf32=allow_tf32, augment=augment, ema=ema, xflip=xflip,
-                        max_size=max_size, latent_stats=latent_stats, workers=workers)
-    with one_voice(), distributed(device) as (rank, _):
+    with one_voice(), distributed(opts.device) as (rank, _):
         if dry_run:
-            dataset = open_dataset(data, progress=rank == 0)
-            plan = None if budget is None else plan_budget(opts, dataset, None, budget_clock_fn(budget_clock)())
-            run = resolve_run(opts, dataset, plan=plan)
-            c = count_complexity(run.network)
-            if rank == 0:
-                click.echo(json.dumps({**run.to_dict(), "parameters": c.parameters, "gflops": round(c.gflops, 3)},
-                                      indent=2))
+            _dry_run(opts, rank)
             return
         result = run_training(opts, progress=rank == 0)
     if rank == 0:
         click.echo(f"{result['status']} at {result['nimg']} images in {result['outdir']}")
     if result["status"] == "interrupted":
         sys.exit(130)
+
+
+def _dry_run(opts: TrainOptions, rank: int) -> None:
+    """Resolve the run (planning a --budget from a few measured steps) and print it, with its size, as JSON."""
+    from edm2.complexity import count_complexity
+    from edm2.data import open_dataset
+    from edm2.training import plan_budget
+    from edm2.training.options import resolve_run
+    from edm2.training.recipes import budget_clock
+
+    dataset = open_dataset(opts.data, progress=rank == 0)
+    plan = None if opts.budget is None else plan_budget(opts, dataset, None, budget_clock(opts.budget_clock)())
+    run = resolve_run(opts, dataset, plan=plan)
+    c = count_complexity(run.network)
+    if rank == 0:
+        click.echo(json.dumps({**run.to_dict(), "parameters": c.parameters, "gflops": round(c.gflops, 3)}, indent=2))
 
 
 _DATA = {True: "VAE latents: make them with `edm2 dataset encode`", False: "pixels"}

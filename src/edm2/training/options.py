@@ -1,57 +1,111 @@
 """What a user asks of a training run (`TrainOptions`) and the run it resolves to (`RunConfig`): options
-combined with the preset and checked against the dataset, before any file is touched."""
+combined with the preset and checked against the dataset, before any file is touched.
+
+Each `TrainOptions` field carries its command-line option (`Option`, in the field's metadata): the library owns
+the names, defaults and help texts, and `edm2 train` (edm2.cli.train) builds its options from them."""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
+from typing import Any
 
 from edm2 import runtime
 from edm2.data.encoders import Encoder, encoder_from_dict
 from edm2.data.folder import ImageFolderDataset
 from edm2.data.latent_stats import load_latent_stats
+from edm2.networks import PRECISIONS
 from edm2.networks.spec import NetworkConfig, NetworkSpec
 from edm2.presets import PRESETS, EDMRecipe, Preset, get_preset
 from edm2.training import recipes
 
-__all__ = ["TrainOptions", "RunConfig", "resolve_run", "resolve_encoder"]
+__all__ = ["Option", "option_fields", "TrainOptions", "RunConfig", "resolve_run", "resolve_encoder"]
+
+
+@dataclass(frozen=True)
+class Option:
+    """How a `TrainOptions` field is given on the command line.
+
+    `kind` is a plain type (str, int, float; bool: a flag), a tuple of choices, or a marker that edm2.cli turns
+    into its parameter type: 'nimg' (an image count such as 2Mi), 'budget' (a time such as 15min), 'floats'
+    (comma-separated numbers, a tuple), 'dir' / 'file' (a path), 'count' (an integer >= 0).
+    `flag` is the spelling when it is not `--` and the field name with dashes (e.g. '--cond/--uncond').
+    `mutable`: RunConfig stores the value under the same name and a resumed run may change it (RunConfig.MUTABLE)."""
+
+    help: str
+    kind: type | str | tuple[str, ...] = str
+    flag: str | None = None
+    mutable: bool = False
+
+    def spelling(self, name: str) -> str:
+        """The option as typed, for the field `name`."""
+        return self.flag or "--" + name.replace("_", "-")
+
+
+def _option(default: Any, help: str, kind: type | str | tuple[str, ...] = str, flag: str | None = None,
+            mutable: bool = False) -> Any:
+    """A `TrainOptions` field with its command-line `Option`; `default` MISSING: a required option."""
+    return field(default=default, metadata={"option": Option(help, kind, flag, mutable)})
+
+
+_PRESET = "[default: preset]"
+_SCHEDULE = "[default: preset, or {} % of a --duration/--budget]"
 
 
 @dataclass
 class TrainOptions:
-    """What the user asks for; None means 'take it from the preset'. Image counts are in images."""
+    """What the user asks for; None means 'take it from the preset'. Image counts are in images; `preset` may
+    also be a Preset (from Python)."""
 
-    outdir: str
-    data: str = "digits"
-    preset: str | Preset | None = None  # a name, 'auto' (edm2.training.recipes' table) or a Preset; None: 'cpu-digits8'
-    # for the digits, 'auto' for other data
-    cond: bool = True
-    duration: int | None = None
-    budget: float | None = None  # seconds: plan the duration from the throughput measured in the first steps
-    budget_clock: str = "wall"  # the budget's clock: wall (elapsed) or cpu (this process's CPU time)
-    rampup: int | None = None  # learning-rate warm-up, images
-    batch: int | None = None
-    batch_gpu: int | None = None  # micro-batch per process; gradient accumulation when smaller
-    lr: float | None = None
-    decay: float | None = None
-    dropout: float | None = None
-    P_mean: float | None = None
-    P_std: float | None = None
-    status: int | None = None
-    snapshot: int | None = None
-    checkpoint: int | None = None
-    ema_stds: tuple[float, ...] | None = None
-    seed: int = 0
-    device: str = "auto"
-    precision: str | None = None  # fp32, bf16 or fp16; None: fp16 on CUDA for use_fp16 presets, else fp32
-    compile: bool = False  # torch.compile the network
-    allow_tf32: bool = False  # TF32 in CUDA convolutions and matrix products (the official code keeps it off)
-    augment: float | None = None  # edm-* presets: augmentation probability (0: off)
-    ema: float | None = None  # edm-* presets: half-life of the traditional EMA, millions of images
-    xflip: bool = False  # double the dataset with mirrored images (official --xflip)
-    max_size: int | None = None  # train on a random subset of this many items
-    latent_stats: str | None = None  # JSON of `edm2 dataset stats`: the raw mean/std to standardise latents with
-    workers: int | None = None  # DataLoader processes; None: 2 for datasets on disk, 0 for those in memory
+    outdir: str = _option(MISSING, "Run folder (resumes if it exists).", "dir")
+    data: str = _option("digits", "Folder or .zip of images or latents (`edm2 dataset`), .npz, or 'digits'.")
+    preset: str | Preset | None = _option(None, "Network and recipe (see `edm2 info`), or 'auto': chosen for the data "
+                                                "and the hardware.  [default: cpu-digits8 for the digits, auto for "
+                                                "other data]")
+    cond: bool = _option(True, "Class-conditional training.", bool, flag="--cond/--uncond")
+    duration: int | None = _option(None, f"Training length in images (e.g. 2Mi); the schedule follows it.  {_PRESET}",
+                                   "nimg", mutable=True)
+    budget: float | None = _option(None, "Train for this long instead (e.g. 15min, 2h): the duration is planned from "
+                                         "the throughput of the first steps.", "budget", mutable=True)  # seconds
+    budget_clock: str = _option("wall", "What --budget counts: elapsed time or this process's CPU time.",
+                                tuple(recipes.CLOCKS))
+    rampup: int | None = _option(None, f"Learning-rate warm-up in images.  {_SCHEDULE.format(0.466)}", "nimg")
+    batch: int | None = _option(None, f"Total batch size.  {_PRESET}", int)
+    batch_gpu: int | None = _option(None, "Micro-batch per process; smaller than the batch accumulates gradients.",
+                                    int, mutable=True)
+    lr: float | None = _option(None, f"Reference learning rate alpha_ref.  {_PRESET}", float)
+    decay: float | None = _option(None, "Learning-rate decay start t_ref, in batches; 0: no decay.  "
+                                        + _SCHEDULE.format(6.68), float)
+    dropout: float | None = _option(None, f"Dropout probability.  {_PRESET}", float)
+    P_mean: float | None = _option(None, f"Mean of ln(sigma) during training.  {_PRESET}", float)
+    P_std: float | None = _option(None, f"Std of ln(sigma) during training.  {_PRESET}", float)
+    status: int | None = _option(None, f"Status interval in images.  {_PRESET}", "nimg", mutable=True)
+    snapshot: int | None = _option(None, f"EMA snapshot interval in images.  {_PRESET}", "nimg", mutable=True)
+    checkpoint: int | None = _option(None, f"Checkpoint interval in images.  {_PRESET}", "nimg", mutable=True)
+    ema_stds: tuple[float, ...] | None = _option(None, "Comma-separated sigma_rel of the tracked EMAs.  [default: "
+                                                       "0.05,0.10; edm-* presets: none]", "floats")
+    seed: int = _option(0, "Random seed.", int)
+    device: str = _option("auto", "cpu, cuda, or auto.")
+    precision: str | None = _option(None, "U-Net precision: fp32, bf16 (autocast, also on CPU) or fp16 (CUDA, "
+                                          "dynamic loss scaling).  [default: fp16 on CUDA for presets with use_fp16, "
+                                          "else fp32]", tuple(PRECISIONS), mutable=True)
+    compile: bool = _option(False, "torch.compile the network (slow start, faster steps).", bool, mutable=True)
+    allow_tf32: bool = _option(False, "TF32 in CUDA convolutions and matrix products (off, as the official code "
+                                      "trains).", bool, mutable=True)
+    augment: float | None = _option(None, f"edm-* presets: augmentation probability, 0 = off.  {_PRESET}", float)
+    ema: float | None = _option(None, f"edm-* presets: traditional EMA half-life in Mimg.  {_PRESET}", float)
+    xflip: bool = _option(False, "Double the dataset with mirrored images.", bool)
+    max_size: int | None = _option(None, "Train on a random subset of this many images.  [default: all]", int)
+    latent_stats: str | None = _option(None, "Latent statistics from `edm2 dataset stats` to standardise latents "
+                                             "with.  [default: the dataset's, else the official sd-vae-ft-mse values]",
+                                       "file")
+    workers: int | None = _option(None, "Data loading processes per training process.  [default: 2 for data on "
+                                        "disk, 0 in memory]", "count", mutable=True)
+
+
+def option_fields() -> tuple[dataclasses.Field, ...]:
+    """The fields of `TrainOptions` in order, each with its `Option` in `metadata['option']`."""
+    return dataclasses.fields(TrainOptions)
 
 
 @dataclass(frozen=True)
@@ -85,10 +139,9 @@ class RunConfig:
     encoder: dict | None = None  # how data maps to the network's space (official terms); None: StandardRGBEncoder
     workers: int = 0  # DataLoader worker processes per training process
 
-    # Fields that may change between a run and its resumption (the number of processes too: the data
-    # stream, the noise and the optimizer state do not depend on it).
-    MUTABLE = ("duration", "status", "snapshot", "checkpoint", "batch_gpu", "precision", "compile", "processes",
-               "allow_tf32", "provenance", "budget", "workers")
+    # Fields that may change between a run and its resumption: the options marked `mutable`, the number of processes
+    # (the data stream, the noise and the optimizer state do not depend on it) and the provenance.
+    MUTABLE = (*(f.name for f in option_fields() if f.metadata["option"].mutable), "processes", "provenance")
 
     @property
     def network_class(self) -> str | None:
