@@ -129,3 +129,26 @@ def test_the_library_table_does_not_import_click():
                 for alias in node.names}
     imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert "click" not in imported
+
+
+def test_the_run_holds_typed_objects_and_stores_plain_json():
+    from edm2.data import StabilityVAEEncoder, encoder_from_dict
+    from edm2.networks import EDMNetworkConfig, NetworkConfig
+    from edm2.presets import EDMRecipe
+
+    data = open_dataset("digits")
+    edm2_run = resolve_run(TrainOptions(outdir="x", preset="cpu-tiny8", device="cpu"), data, world=1)
+    edm_run = resolve_run(TrainOptions(outdir="x", preset="cpu-edm-tiny8", device="cpu", augment=0), data, world=1)
+    assert isinstance(edm2_run.network, NetworkConfig) and edm2_run.edm is None and edm2_run.encoder is None
+    assert isinstance(edm_run.network, EDMNetworkConfig) and isinstance(edm_run.edm, EDMRecipe)
+    assert edm_run.edm.augment == 0 and edm_run.network.kwargs["augment_dim"] == 0  # attributes, not string keys
+    for run in (edm2_run, edm_run):
+        d = run.to_dict()
+        assert json.loads(json.dumps(d)) == d
+        assert d["network"] == run.network.to_dict() and d["network_class"] == run.network_class
+    assert edm_run.to_dict()["edm"] == edm_run.edm.to_dict() and edm_run.to_dict()["network_class"] == "EDMPrecond"
+    vae = {"class": "StabilityVAEEncoder", "kwargs": {"vae_name": "v", "raw_mean": [1.0, 2.0, 3.0, 4.0]}}
+    latent_run = dataclasses.replace(edm2_run, encoder=encoder_from_dict(vae))  # a run on latents
+    assert isinstance(latent_run.encoder, StabilityVAEEncoder)
+    assert latent_run.to_dict()["encoder"] == encoder_from_dict(vae).to_dict()
+    assert latent_run.encoder == encoder_from_dict(vae) != encoder_from_dict(None)

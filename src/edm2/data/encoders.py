@@ -41,6 +41,11 @@ class Encoder:
         """{"class": official class name, "kwargs": constructor arguments}, as stored in snapshots."""
         raise NotImplementedError
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Encoder) and self.to_dict() == other.to_dict()
+
+    __hash__ = None  # equal encoders are interchangeable, not hashable keys
+
     def network_channels(self, raw_channels: int) -> int:
         """Channels of the final latents for raw latents of `raw_channels` channels."""
         raise NotImplementedError

@@ -136,7 +136,7 @@ class RunConfig:
     provenance: dict = field(default_factory=dict)  # name -> {value, source, rule}: see edm2.training.recipes
     budget: dict | None = None  # the BudgetPlan of a run given a time budget
     edm: EDMRecipe | None = None  # EDM-release runs (edm-* presets): loss, augment, EMA, Adam betas, loss scaling
-    encoder: dict | None = None  # how data maps to the network's space (official terms); None: StandardRGBEncoder
+    encoder: Encoder | None = None  # how data maps to the network's space; None: StandardRGBEncoder (pixels)
     workers: int = 0  # DataLoader worker processes per training process
 
     # Fields that may change between a run and its resumption: the options marked `mutable`, the number of processes
@@ -155,7 +155,7 @@ class RunConfig:
             value = getattr(self, f.name)
             if f.name == "edm":
                 d["network_class"] = self.network_class
-            if f.name in ("network", "edm") and value is not None:
+            if f.name in ("network", "edm", "encoder") and value is not None:
                 value = value.to_dict()
             d[f.name] = list(value) if isinstance(value, tuple) else value
         return d
@@ -239,7 +239,7 @@ def resolve_run(opts: TrainOptions, dataset, world: int | None = None, plan: rec
         checkpoint=value["checkpoint"], precision=precision, compile=bool(opts.compile), processes=world,
         allow_tf32=bool(opts.allow_tf32), provenance={k: s.to_dict() for k, s in provenance.items()},
         budget=None if plan is None else plan.to_dict(), edm=edm,
-        encoder=None if not preset.latents else encoder.to_dict(), workers=_workers(opts, dataset),
+        encoder=encoder if preset.latents else None, workers=_workers(opts, dataset),
     )
     _check(run, provenance)
     return run

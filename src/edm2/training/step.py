@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edm2.data import BatchStream, Encoder, StandardRGBEncoder, encoder_from_dict
+from edm2.data import BatchStream, Encoder, StandardRGBEncoder
 from edm2.ema.trackers import EMATrackers, PosthocEMA, TraditionalEMATracker
 from edm2.layers import force_weight_normalization_
 from edm2.losses import EDM_LOSSES, EDM2Loss, EDMLoss
@@ -103,7 +103,7 @@ def setup(run: RunConfig, dataset, device: torch.device, outdir: str | Path | No
     # fp16: dynamic loss scaling, starting where the official code trains (scale 1); the scale doubles after
     # 2000 steps without overflow and halves (skipping the step) on one.
     scaler = torch.amp.GradScaler(device.type, init_scale=1.0, enabled=run.precision == "fp16")
-    encoder = encoder_from_dict(run.encoder)
+    encoder = run.encoder or StandardRGBEncoder()
     ema = None
     if outdir is not None and rank == 0:
         info = {"preset": run.preset, "dataset": run.dataset, "data": run.data}
