@@ -18,6 +18,7 @@ from edm2.networks import (
     EDMPrecond,
     Precond,
     SongUNet,
+    VEPrecond,
     VPPrecond,
     build_network,
     iDDPMPrecond,
@@ -67,6 +68,35 @@ def test_official_state_dict_gives_the_official_outputs(case):
     # sigma_min/sigma_max come from the constructor (for iDDPM from our own table: equal to 1 float32 ulp).
     np.testing.assert_allclose([net.sigma_min, net.sigma_max],
                                [float(golden(case, "sigma_min")), float(golden(case, "sigma_max"))], rtol=1e-6)
+
+
+OFFICIAL_CLASSES = {cls.__name__: cls for cls in (VPPrecond, VEPrecond, iDDPMPrecond, EDMPrecond)}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_official_constructors_take_the_model_arguments_flat(case):
+    """`EDMPrecond(img_resolution=..., model_type=..., embedding_type=...)`: the official signature (the model's
+    arguments flat, `**model_kwargs`) builds the network of the golden file, with its official initialization and
+    outputs; the earlier spelling (`model_kwargs=` dict) builds the same network."""
+    cls, kwargs = OFFICIAL_CLASSES[CASES[case]["precond"]], dict(CASES[case]["kwargs"])
+    torch.manual_seed(0)
+    flat = cls(**kwargs)
+    torch.manual_seed(0)
+    reference = build_network(CASES[case]["precond"], kwargs)
+    own = {k: kwargs.pop(k) for k in list(kwargs) if k in ("img_resolution", "img_channels", "label_dim",
+                                                             "use_fp16", "model_type")}
+    torch.manual_seed(0)
+    nested = cls(**own, model_kwargs=kwargs)
+    assert flat.init_kwargs == nested.init_kwargs == reference.init_kwargs
+    for name, value in reference.state_dict().items():
+        assert torch.equal(flat.state_dict()[name], value) and torch.equal(nested.state_dict()[name], value), name
+    flat.load_state_dict(golden_state(case), strict=True)
+    x, sigma, labels, aug = (golden(case, k) for k in ("x", "sigma", "labels", "augment_labels"))
+    with torch.no_grad():
+        assert_golden(flat.eval()(x, sigma, labels, augment_labels=aug), golden(case, "D_x"))
+        assert_golden(flat(x, sigma, labels), golden(case, "D_x_noaug"))
+    with pytest.raises(TypeError, match="model_channels"):  # one argument given both ways
+        cls(**own, model_channels=8, model_kwargs=kwargs)
 
 
 def test_zero_augment_labels_are_no_augmentation():

@@ -3,6 +3,8 @@ classes, post-hoc reconstruction and the O(1/n^4) reconstruction-error claim."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -442,6 +444,53 @@ def test_get_returns_network_copies_like_the_official_class():
     with torch.no_grad():
         first[0][0].weight.add_(1.0)
     assert not torch.equal(first[0][0].weight, net[0].weight)
+
+
+class _ReferenceEMA:
+    """The official class's behaviour, written out: one deep copy of the network per length, every parameter
+    moved towards the live one by `lerp_(p, 1 - beta)` at each update, the live buffers copied in by `get()`."""
+
+    def __init__(self, net: torch.nn.Module, stds) -> None:
+        self.net, self.stds = net, list(stds)
+        self.copies = [copy.deepcopy(net) for _ in self.stds]
+
+    @torch.no_grad()
+    def update(self, cur_nimg: int, batch_size: int) -> None:
+        for std, ema in zip(self.stds, self.copies):
+            beta = float(power_function_beta(std=std, t_next=cur_nimg, t_delta=batch_size))
+            for live, avg in zip(self.net.parameters(), ema.parameters()):
+                avg.lerp_(live, 1 - beta)
+
+    @torch.no_grad()
+    def get(self) -> list[tuple[torch.nn.Module, str]]:
+        for ema in self.copies:
+            for live, avg in zip(self.net.buffers(), ema.buffers()):
+                avg.copy_(live)
+        return [(ema, f"-{std:.3f}") for std, ema in zip(self.stds, self.copies)]
+
+
+@pytest.mark.parametrize("make", [lambda: torch.nn.Linear(3, 2).double(), _small_net], ids=["linear", "buffers"])
+def test_get_of_a_network_with_or_without_buffers_gives_the_official_result(make):
+    """A plain Linear has no buffers (the fused copy refuses an empty list); a network with buffers copies them.
+    Both give what the official class gives: the averaged parameters and the live buffers."""
+    net = make()
+    ema, reference = PowerFunctionEMA(net, stds=EMA_STDS), _ReferenceEMA(net, EMA_STDS)
+    for k in range(1, 5):
+        _set_params(net, seed=k)
+        with torch.no_grad():
+            for b in net.buffers():
+                b.add_(k) if b.is_floating_point() else b.fill_(k)
+        ema.update(cur_nimg=k * 16, batch_size=16)
+        reference.update(cur_nimg=k * 16, batch_size=16)
+    got, expected = ema.get(), reference.get()
+    assert [s for _, s in got] == [s for _, s in expected] == ["-0.050", "-0.100"]
+    for (ours, _), (theirs, _) in zip(got, expected):
+        assert ours.state_dict().keys() == theirs.state_dict().keys()
+        for name, value in theirs.state_dict().items():
+            torch.testing.assert_close(ours.state_dict()[name], value, rtol=1e-12, atol=1e-14)
+        for name, value in net.named_buffers():
+            assert torch.equal(ours.get_buffer(name), value)
+    assert not torch.equal(next(got[0][0].parameters()), next(net.parameters()))  # averages, not the live weights
 
 
 @pytest.mark.parametrize("n, out_t, out_std", [(8, 1.0, 0.13), (20, 0.7, (0.03, 0.1, 0.2))])

@@ -4,15 +4,17 @@ the sampling session that `generate_images` and the metrics' generate-and-measur
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from edm2.checkpoint import Snapshot, save_snapshot
 from edm2.cli import main
 from edm2.data import StandardRGBEncoder, to_uint8
+from edm2.files import Snapshot, save_snapshot
 from edm2.generate import SamplingSession, generate_images, make_grid, sample_batch, save_png
 from edm2.metrics.measure import ModelUnderTest, measure_model
 from edm2.networks import Precond
@@ -252,3 +254,88 @@ def test_session_makes_the_sampler_steps_once_for_all_batches(monkeypatch):
     chunks = np.array_split(np.array(SESSION_SEEDS, dtype=np.int64), 3)  # the official split: 3, 2 and 2 seeds
     per_batch = torch.cat([sample_batch(net, c.tolist(), settings=SESSION_SETTINGS)[0] for c in chunks])
     assert len(made) == 1 + 3 and torch.equal(images, per_batch)  # steps made per batch: the same images
+
+
+# ----------------------------------------------------------------------------------------------------
+# Constant memory: each batch written and dropped; the grid from the first images only.
+
+
+class TrackingEncoder(StandardRGBEncoder):
+    """Decodes as the standard RGB encoder; at each decode, counts the earlier batches (their samples or their
+    pixels) that are still alive."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[weakref.ref, weakref.ref]] = []
+        self.alive: list[int] = []  # at the decode of batch k: earlier batches alive
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        self.alive.append(sum(s() is not None or p() is not None for s, p in self.batches))
+        pixels = super().decode(x)
+        self.batches.append((weakref.ref(x), weakref.ref(pixels)))
+        return pixels
+
+
+def test_generate_keeps_at_most_one_batch_alive_and_returns_nothing_unless_asked(tmp_path):
+    net = _loud_net()
+    seeds = list(range(12))
+    encoder = TrackingEncoder()
+    out = generate_images(net, seeds, tmp_path / "out", SESSION_SETTINGS, batch_size=2, encoder=encoder,
+                          return_images=False)
+    assert out is None
+    assert encoder.alive == [0] * 6  # each batch dropped before the next is sampled
+    measured = TrackingEncoder()  # and so in the metrics' generate-and-measure
+    model = ModelUnderTest(net, settings=SESSION_SETTINGS, batch_size=2, encoder=measured)
+    assert measure_model(model, seeds, {"rec": PixelRecorder()})["rec"].num_images == 12
+    assert measured.alive == [0] * 6
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{s:06d}.png" for s in seeds]
+    kept = TrackingEncoder()
+    images = generate_images(net, seeds, None, SESSION_SETTINGS, batch_size=2, encoder=kept)
+    assert kept.alive == [0, 1, 2, 3, 4, 5]  # the control: returning every image keeps every batch
+    assert images.shape == (12, 1, 8, 8)
+    for seed in seeds:
+        assert torch.equal(read_png(tmp_path / "out" / f"{seed:06d}.png")[0], to_uint8(images[seed])[0])
+
+
+def test_session_batches_stream_one_batch_at_a_time():
+    """The Python iterator: batches are sampled as they are asked for, not ahead."""
+    encoder = TrackingEncoder()
+    batches = SamplingSession(_loud_net(), settings=SESSION_SETTINGS, batch_size=3, encoder=encoder).batches(
+        SESSION_SEEDS)
+    assert encoder.alive == []  # checked and prepared, nothing sampled yet
+    first = next(batches)
+    assert len(encoder.alive) == 1 and first.seeds == SESSION_SEEDS[:3]
+    del first
+    assert [b.seeds for b in batches] == [SESSION_SEEDS[3:5], SESSION_SEEDS[5:]] and max(encoder.alive) <= 1
+
+
+def test_grid_shows_the_first_images_of_the_request(tmp_path):
+    net = _loud_net()
+    seeds = [9, 4, 7, 1, 3, 8, 0, 2, 6, 5]
+    generate_images(net, seeds, None, SESSION_SETTINGS, batch_size=3, grid=tmp_path / "first4.png", grid_size=4,
+                    return_images=False)
+    generate_images(net, seeds[:4], None, SESSION_SETTINGS, batch_size=4, grid=tmp_path / "alone.png")
+    assert (tmp_path / "first4.png").read_bytes() == (tmp_path / "alone.png").read_bytes()
+    with Image.open(tmp_path / "first4.png") as img:  # 2 x 2 tiles of 8x8 images enlarged 8 times, 2-pixel gaps
+        assert img.size == (2 * 64 + 2, 2 * 64 + 2)
+    with pytest.raises(ValueError, match="grid_size 0"):
+        generate_images(net, seeds, tmp_path / "none", grid=tmp_path / "g.png", grid_size=0)
+    assert not (tmp_path / "none").exists()
+
+
+def test_cli_grid_holds_the_first_64_images_and_subdirs_split_by_thousands(tmp_path):
+    net = _loud_net()
+    path = tmp_path / "net.safetensors"
+    save_snapshot(path, Snapshot(net.state_dict(), NetworkConfig(
+        img_resolution=8, img_channels=1, label_dim=3, model_channels=16, channel_mult=(1, 2), num_blocks=1,
+        attn_resolutions=(4,), channels_per_head=16, use_fp16=False), 0.1, 64, {}))
+    gen = ["generate", "--net", str(path), "--steps", "2", "--device", "cpu", "--batch", "16"]
+    many = CliRunner().invoke(main, [*gen, "--seeds", "990-1059", "--grid", str(tmp_path / "many.png"), "--outdir",
+                                     str(tmp_path / "out"), "--subdirs"])
+    assert many.exit_code == 0, many.output
+    assert "wrote 70 images" in many.output
+    first = CliRunner().invoke(main, [*gen, "--seeds", "990-1053", "--grid", str(tmp_path / "first.png")])
+    assert first.exit_code == 0, first.output
+    assert (tmp_path / "many.png").read_bytes() == (tmp_path / "first.png").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000000", "001000"]
+    assert len(list((tmp_path / "out" / "000000").iterdir())) == 10
+    assert sorted(p.name for p in (tmp_path / "out" / "001000").iterdir())[-1] == "001059.png"

@@ -60,7 +60,8 @@ def setup(tmp_path_factory) -> dict[str, Path]:
 def test_a_set_against_its_own_reference(setup):
     root = setup["root"]
     out = ok(invoke("metrics", "calc", "--images", setup["images"], "--ref", setup["ref"], "--detector-dir",
-                    setup["det"], "--device", "cpu", "--batch", "5", "--results", root / "calc.json")).stdout
+                    setup["det"], "--device", "cpu", "--batch", "5", "--results", root / "calc.json",
+                    "--num", "12")).stdout
     res = json.loads((root / "calc.json").read_text())
     assert res == {"fd_dinov2": pytest.approx(0, abs=1e-6), "fd_dinov2/precision": 1.0, "fd_dinov2/recall": 1.0}
     assert out.splitlines()[0].startswith("fd_dinov2 0.0000")
@@ -177,7 +178,8 @@ def test_bad_input_is_one_line_and_writes_nothing(setup, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert_one_line_error(invoke("metrics", "calc", "--images", setup["images"], "--ref", ref, "--detector-dir",
-                                 empty, "--device", "cpu"), "dinov2_vitl14_pretrain.pth", "published at https://")
+                                 empty, "--device", "cpu", "--num", "12"), "dinov2_vitl14_pretrain.pth",
+                          "published at https://")
     assert_one_line_error(invoke("metrics", "calc", "--images", "digits", "--ref", ref, "--detector-dir", det,
                                  "--device", "cpu"), "16x16", "8x8")
     assert_one_line_error(invoke("metrics", "calc", "--images", setup["images"], "--ref", ref, "--metrics", "fid",

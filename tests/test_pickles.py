@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
 from edm2.checkpoint import load_network, load_snapshot
-from edm2.cli import main
-from edm2.networks import Precond
 from edm2.pickle_convert import convert_network_pickle, kimg_to_nimg
 from edm2.pickles import Record, read_pickle
+
+from edm2.cli import main
+from edm2.networks import Precond
 
 PICKLES = Path(__file__).parent / "data" / "official_pickles"
 EXPECTED = dict(np.load(PICKLES / "expected.npz"))
@@ -220,6 +220,81 @@ def persistence(monkeypatch):
                            "state": state})
 
     return record
+
+
+# ----------------------------------------------------------------------------------------------------
+# A folder of official raw snapshots (`network-snapshot-<kimg>-<std>.pkl`, float16) reconstructed directly.
+
+_RAW_KWARGS = dict(img_resolution=8, img_channels=1, label_dim=0, model_channels=16, channel_mult=[1, 2],
+                   num_blocks=1, attn_resolutions=[], use_fp16=False)
+
+
+def _raw_snapshot(persistence, path: Path, seed: int, kwargs: dict = _RAW_KWARGS) -> None:
+    """One raw snapshot as the official training writes it: the EMA network in float16 under 'ema'."""
+    torch.manual_seed(0)
+    net = Precond(**kwargs).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.3 + 0.1 * torch.randn(p.shape, generator=gen))
+    data = {"ema": persistence(net.half(), "Precond", "class Precond: pass\n", kwargs), "encoder": None,
+            "loss_fn": None, "dataset_kwargs": {"path": "digits"}}
+    path.write_bytes(pickle.dumps(data))
+
+
+@pytest.fixture
+def raw_folder(persistence, tmp_path) -> Path:
+    """Eight snapshot times (every 1024 images, named by kimg as the official training names them), two averages
+    each, and the snapshot at time 0 that the official script leaves out."""
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    for k in range(9):
+        for j, std in enumerate((0.05, 0.10)):
+            _raw_snapshot(persistence, folder / f"network-snapshot-{k * 1024 // 1000:07d}-{std:.3f}.pkl", 10 * k + j)
+    return folder
+
+
+def test_raw_pickle_snapshots_reconstruct_like_their_converted_snapshots(raw_folder, tmp_path):
+    """`reconstruct_phema.py`'s command line on the official raw snapshots gives float16 outputs equal to the
+    reconstruction from the converted snapshots, rounded to float16: the same float32 sums of the same values."""
+    conv = tmp_path / "conv"
+    for path in sorted(raw_folder.glob("*.pkl"))[2:]:  # time 0 left out, as the official script does
+        assert invoke("convert", path, conv / f"{path.stem}.safetensors").exit_code == 0
+    result = invoke("reconstruct", f"--indir={raw_folder}", f"--outdir={tmp_path / 'from_pkl'}",
+                    "--outstd=0.070,0.080,...,0.100", "--outkimg=8")
+    assert result.exit_code == 0, result.output
+    assert invoke("reconstruct", "--indir", conv, "--outdir", tmp_path / "from_conv", "--std", "0.07:0.10:0.01",
+                  "--nimg", "8Ki").exit_code == 0
+    names = sorted(p.name for p in (tmp_path / "from_pkl").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "from_conv").iterdir()) and len(names) == 4
+    assert "from 16 snapshots" in result.output
+    for name in names:
+        ours, theirs = load_snapshot(tmp_path / "from_pkl" / name), load_snapshot(tmp_path / "from_conv" / name)
+        assert ours.nimg == theirs.nimg == 8192 and ours.network == theirs.network
+        assert ours.encoder == theirs.encoder == {"class": "StandardRGBEncoder", "kwargs": {}}
+        assert set(ours.averaged_names) == set(theirs.averaged_names)
+        for k, v in theirs.state_dict.items():
+            assert ours.state_dict[k].dtype == torch.float16 and torch.equal(ours.state_dict[k], v.half()), k
+        net, _ = load_network(tmp_path / "from_pkl" / name)  # a float16 snapshot builds the float32 network
+        assert all(torch.equal(net.state_dict()[k], v.float()) for k, v in ours.state_dict.items())
+
+
+def test_unreadable_raw_snapshot_is_one_line_and_nothing_is_written(persistence, raw_folder, tmp_path):
+    out = tmp_path / "out"
+    args = ("reconstruct", "--indir", raw_folder, "--outdir", out, "--outstd", "0.08")
+    later = raw_folder / "network-snapshot-0000005-0.100.pkl"
+    data = later.read_bytes()
+    later.write_bytes(data[: len(data) // 2])  # read while streaming, after the first one was converted
+    assert_one_line_error(invoke(*args), later.name, "not a readable official pickle")
+    assert not out.exists()
+    _raw_snapshot(persistence, later, 0, {**_RAW_KWARGS, "model_channels": 8})  # another network
+    assert_one_line_error(invoke(*args), later.name, "another network")
+    assert not out.exists()
+    first = raw_folder / "network-snapshot-0000001-0.050.pkl"
+    later.write_bytes(data)
+    first.write_bytes(pickle.dumps({"ema": _RunsCode(tmp_path / "pwned")}))  # read by the scan
+    assert_one_line_error(invoke(*args), first.name, "refused")
+    assert not out.exists() and not (tmp_path / "pwned").exists()
 
 
 def test_module_src_is_never_run(persistence, tmp_path):

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from edm2.options import TrainOptions, resolve_run
+from edm2.recipes import RunCosts, choose_preset, derive_schedule, plan_duration
 
 import edm2.ema.trackers
 import edm2.training.budget
@@ -20,9 +22,7 @@ from edm2.cli import main
 from edm2.cli.params import parse_budget
 from edm2.data import ImageDataset
 from edm2.networks import Precond
-from edm2.options import TrainOptions, resolve_run
 from edm2.presets import PRESETS
-from edm2.recipes import RunCosts, choose_preset, derive_schedule, plan_duration
 from edm2.training import train
 
 Ki, Mi = 1 << 10, 1 << 20
@@ -125,9 +125,10 @@ def test_a_duration_scales_the_schedule_and_user_values_win():
                                    rampup=1000, device="cpu"), ds, world=1)
     assert (run.decay, run.rampup_Mimg) == (30, 0.001)
     assert run.provenance["decay"]["source"] == run.provenance["rampup"]["source"] == "user"
-    # A longer run reports and checkpoints no less often than its preset; its snapshots stay 32 per run.
-    run = resolve_run(TrainOptions(outdir="x", data="fake", preset="edm2-img64-s", duration=4 << 30, device="cpu"),
-                      fake(64, 3, classes=1000), world=1)
+    # A longer run reports and checkpoints no less often than its preset; its snapshots stay 32 per run. (An official
+    # preset keeps its published schedule unless asked: --schedule follow.)
+    run = resolve_run(TrainOptions(outdir="x", data="fake", preset="edm2-img64-s", duration=4 << 30, device="cpu",
+                                   schedule="follow"), fake(64, 3, classes=1000), world=1)
     assert (run.status, run.checkpoint, run.snapshot) == (128 * Ki, 128 * Mi, (4 << 30) // 32)
     assert run.decay == pytest.approx(DECAY_SHARE * (4 << 30) / 2048) and run.rampup_Mimg == pytest.approx(20, 1e-3)
     # The preset's own duration keeps the preset's schedule.

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from edm2.checkpoint import find_checkpoints, load_snapshot, load_tensors, read_metadata
+
 from edm2.training import TrainOptions, train
 
 # 12 steps of 16 images on the minimal network; checkpoints every 2 steps.
@@ -182,7 +182,7 @@ def test_unconditional_run(tmp_path: Path) -> None:
     [
         ({"batch": 16, "batch_gpu": 5}, "multiple"),
         ({"duration": 0}, "--duration must be a positive"),
-        ({"preset": "cpu-rgb32"}, "choose a preset that matches the data"),
+        ({"preset": "cpu-rgb32", "channel_mult": (1, 2, 2, 2, 2)}, "choose a preset that matches the data"),
         ({"preset": "nope"}, "unknown preset"),
         ({"lr": -1.0}, "must be positive"),
     ],

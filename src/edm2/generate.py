@@ -20,8 +20,10 @@ from edm2.files import atomic_output
 from edm2.runtime import fast_paths_for, prepare_for_sampling, rank_batches, set_cuda_math, world_info
 from edm2.sampling import DesignSteps, SamplerSettings, StackedRandomGenerator
 
-__all__ = ["SamplingSession", "SampledBatch", "sample_batch", "generate_images", "generate_with", "save_png",
-           "save_seed_pngs", "make_grid", "check_same_space"]
+__all__ = ["SamplingSession", "SampledBatch", "sample_batch", "generate_images", "generate_with", "write_batches",
+           "save_png", "save_seed_pngs", "seed_png_path", "make_grid", "check_same_space", "GRID_SIZE"]
+
+GRID_SIZE = 64  # a grid shows the first images of a request, at most this many
 
 
 def sample_batch(
@@ -177,17 +179,49 @@ class SamplingSession:
         steps = self.settings.time_steps(net, self.device)  # once for every batch
         for batch in rank_batches(len(seeds), self.batch_size):
             positions = batch.tolist()
+            if not positions:  # fewer seeds than batches: this process has nothing to do here
+                continue
             chunk = [seeds[i] for i in positions]
             classes = [class_idx[i] for i in positions] if per_seed else class_idx
             with fast_paths_for(self.precision, self.compile):  # on while sampling only, not between batches
                 images, drawn = sample_batch(net, chunk, classes, gnet, self.settings, self.device, steps)
             yield SampledBatch(positions, chunk, drawn, images, self.decoder.decode(images))
+            del images, drawn  # not kept while the next batch is sampled
 
 
-def save_seed_pngs(outdir: str | Path, seeds: Sequence[int], pixels: torch.Tensor) -> None:
-    """Write `<outdir>/<seed:06d>.png` for each seed and its image of `pixels` (uint8 [N, C, H, W])."""
+def seed_png_path(outdir: str | Path, seed: int, subdirs: bool = False) -> Path:
+    """`<outdir>/<seed:06d>.png`, or with `subdirs` (the official `--subdirs`) `<outdir>/<thousands:06d>/...`."""
+    folder = Path(outdir) / f"{seed - seed % 1000:06d}" if subdirs else Path(outdir)
+    return folder / f"{seed:06d}.png"
+
+
+def save_seed_pngs(outdir: str | Path, seeds: Sequence[int], pixels: torch.Tensor, subdirs: bool = False) -> None:
+    """Write the PNG of each seed (`seed_png_path`) with its image of `pixels` (uint8 [N, C, H, W])."""
     for seed, image in zip(seeds, pixels.cpu()):
-        save_png(Path(outdir) / f"{seed:06d}.png", image)
+        path = seed_png_path(outdir, seed, subdirs)
+        if subdirs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        save_png(path, image)
+
+
+def write_batches(session: SamplingSession, seeds: Sequence[int], outdir: str | Path | None,
+                  class_idx: int | Sequence[int] | None = None, subdirs: bool = False) -> Iterator[SampledBatch]:
+    """This process's batches of `session.batches(seeds, class_idx)`, each written as PNGs to `outdir` (None:
+    not written) before it is handed on; nothing is kept, so memory does not grow with the number of seeds (drop
+    each batch before asking for the next, and one batch is alive at a time). The request is checked (and a
+    latent model's VAE loaded) at the call, before the folder is made."""
+    batches = session.batches(seeds, class_idx)
+    if outdir is not None:
+        Path(outdir).mkdir(parents=True, exist_ok=True)
+
+    def written() -> Iterator[SampledBatch]:
+        for batch in batches:
+            if outdir is not None:
+                save_seed_pngs(outdir, batch.seeds, batch.pixels, subdirs)
+            yield batch
+            del batch  # not kept while the next batch is sampled
+
+    return written()
 
 
 def generate_images(
@@ -205,54 +239,102 @@ def generate_images(
     compile: bool = False,
     allow_tf32: bool = False,
     encoder: Encoder | None = None,
-) -> torch.Tensor:
+    return_images: bool = True,
+    gather: bool = False,
+    grid_size: int = GRID_SIZE,
+    subdirs: bool = False,
+) -> torch.Tensor | None:
     """Sample `seeds` in batches, decode them to pixels with `encoder` (None: standard RGB; the snapshot's
     encoder, `edm2.data.encoder_from_dict(snapshot.encoder)`, for latent models), write `<outdir>/<seed:06d>.png`
-    per seed and an optional grid PNG. Returns all samples [N, C, H, W] as the network made them (in [-1, 1] for
-    pixel models), in the order of `seeds`.
+    per seed (`subdirs`: in a folder per 1000 seeds, as the official `--subdirs`) and an optional grid PNG of the
+    first `grid_size` seeds. Each batch is written and dropped; with `return_images` (the default) the samples
+    [N, C, H, W] as the network made them (in [-1, 1] for pixel models) are kept and returned in the order of
+    `seeds`, else None is returned and memory does not grow with the number of seeds (to go through a large
+    request batch by batch, use `SamplingSession.batches` or `write_batches`).
 
-    In a torch.distributed process group the batches are dealt out to the processes in turn; each writes
-    its own PNGs, and every process returns all images (rank 0 writes the grid). Images depend on their
-    seeds only, so they equal those of a single process. `precision`, `compile` and `allow_tf32` select
-    the runtime (`edm2.runtime`); anything but plain float32 eager also switches on the fast attention and
-    norm paths, which change results by rounding only.
+    In a torch.distributed process group the batches are dealt out to the processes in turn; each writes its
+    own PNGs and returns the images it sampled (in the order of `seeds`), or with `gather=True` all images (an
+    all-gather of every image: memory grows with the request). Rank 0 writes the grid, from the few first images
+    gathered from where they were sampled. Images depend on their seeds only, so they equal those of a single
+    process. `precision`, `compile` and `allow_tf32` select the runtime (`edm2.runtime`); anything but plain
+    float32 eager also switches on the fast attention and norm paths, which change results by rounding only.
     """
     session = SamplingSession(net, gnet, settings, encoder, batch_size, device, precision, compile, allow_tf32)
-    return generate_with(session, seeds, outdir, grid, progress, class_idx)
+    return generate_with(session, seeds, outdir, grid, progress, class_idx, return_images, gather, grid_size, subdirs)
 
 
 def generate_with(session: SamplingSession, seeds: Sequence[int], outdir: str | Path | None,
                   grid: str | Path | None = None, progress: Callable[[int, int], None] | None = None,
-                  class_idx: int | Sequence[int] | None = None) -> torch.Tensor:
-    """`generate_images` with the model and runtime of `session`: PNGs per seed in `outdir`, an optional grid,
-    `progress(images done, total)`; returns all samples as the network made them, in the order of `seeds`."""
-    batches = session.batches(seeds, class_idx)  # the request is checked before anything is written
-    if outdir is not None:
-        Path(outdir).mkdir(parents=True, exist_ok=True)
+                  class_idx: int | Sequence[int] | None = None, return_images: bool = True, gather: bool = False,
+                  grid_size: int = GRID_SIZE, subdirs: bool = False) -> torch.Tensor | None:
+    """`generate_images` with the model and runtime of `session`: PNGs per seed in `outdir`, an optional grid of
+    the first `grid_size` seeds, `progress(images done, total)`; returns the samples when `return_images`
+    (all of them with `gather` under torch.distributed, else this process's), else None. Under
+    torch.distributed only the images count and the grid's few images travel between processes."""
+    if grid is not None and grid_size < 1:
+        raise ValueError(f"a grid needs at least one image, got grid_size {grid_size}")
+    batches = write_batches(session, seeds, outdir, class_idx, subdirs)  # checked before anything is written
     rank, world = world_info()
-    mine: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    kept: dict[int, torch.Tensor] = {}  # first position of a batch -> its samples (only when returned)
+    first: dict[int, torch.Tensor] = {}  # position -> pixels, of the first `grid_size` seeds (only for a grid)
     done = 0
     for batch in batches:
-        pixels = batch.pixels.cpu()
-        if outdir is not None:
-            save_seed_pngs(outdir, batch.seeds, pixels)
-        mine[batch.positions[0]] = batch.images.cpu(), pixels
+        if return_images:
+            kept[batch.positions[0]] = batch.images.cpu()
+        if grid is not None:
+            first.update(_first_pixels(batch, grid_size))
         done += len(batch.seeds)
         if progress is not None:
             progress(min(done * world, len(seeds)), len(seeds))
-    if world > 1:
-        parts: list = [None] * world
-        torch.distributed.all_gather_object(parts, mine)
-        mine = {k: v for part in parts for k, v in part.items()}
+        del batch  # one batch alive at a time: dropped before the next is sampled
+    if world > 1:  # every process, whether or not it shows progress: a collective call
+        done = _count_all(done, session.device)
         if progress is not None:
-            progress(len(seeds), len(seeds))
-    if grid is not None and rank == 0:
-        _save_grid(grid, torch.cat([mine[k][1] for k in sorted(mine)]))
-    return torch.cat([mine[k][0] for k in sorted(mine)])
+            progress(done, len(seeds))
+    if grid is not None:
+        _write_grid(grid, first, rank, world)
+    if not return_images:
+        return None
+    if gather and world > 1:
+        kept = _gather_all(kept)
+    if not kept:  # a process without a batch (fewer seeds than batches)
+        net = session.net
+        return torch.empty([0, net.img_channels, net.img_resolution, net.img_resolution])
+    return torch.cat([kept[k] for k in sorted(kept)])
+
+
+def _first_pixels(batch: SampledBatch, grid_size: int) -> dict[int, torch.Tensor]:
+    """The pixels of the batch's images among the first `grid_size` of the request, by position."""
+    return {p: image.clone() for p, image in zip(batch.positions, batch.pixels.cpu()) if p < grid_size}  # not views
+
+
+def _count_all(done: int, device: torch.device | str) -> int:
+    """The images done by all processes of the torch.distributed group: one integer all-reduced."""
+    count = torch.tensor([done], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(count)
+    return int(count.item())
+
+
+def _gather_all(parts: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Every process's `parts` in every process (an all-gather of all of them)."""
+    gathered: list = [None] * world_info()[1]
+    torch.distributed.all_gather_object(gathered, parts)
+    return {k: v for part in gathered for k, v in part.items()}
+
+
+def _write_grid(path: str | Path, first: dict[int, torch.Tensor], rank: int, world: int) -> None:
+    """Rank 0 writes the grid of the first images; under torch.distributed they are gathered to it first (only
+    those few images travel)."""
+    if world > 1:
+        gathered: list | None = [None] * world if rank == 0 else None
+        torch.distributed.gather_object(first, gathered, dst=0)
+        first = {k: v for part in gathered or [] for k, v in part.items()}
+    if rank == 0:
+        _save_grid(path, torch.stack([first[k] for k in sorted(first)]))
 
 
 def _save_grid(path: str | Path, pixels: torch.Tensor) -> None:
-    """All images in one PNG, small ones enlarged to about 64 pixels."""
+    """The images in one PNG, small ones enlarged to about 64 pixels."""
     images = to_model_space(pixels)  # exact: uint8 -> [-1, 1] -> uint8
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_png(path, make_grid(images, scale=max(1, 64 // images.shape[-1]), gap=2))

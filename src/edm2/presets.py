@@ -12,12 +12,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from edm2.networks.spec import EDMNetworkConfig, NetworkConfig
+from edm2.networks.spec import EDMNetworkConfig, NetworkConfig, NetworkSpec
 
 __all__ = ["NetworkConfig", "TrainingConfig", "Preset", "PRESETS", "get_preset", "EDMNetworkConfig", "EDMRecipe",
-           "EDM_ARCHS", "EDM_PRECONDS"]
+           "EDM_ARCHS", "EDM_PRECONDS", "SNAPSHOT_DTYPES", "edm_train_preset", "network_at"]
 
 Ki, Mi = 1 << 10, 1 << 20
+SNAPSHOT_DTYPES = ("float16", "float32")  # what EMA snapshot files may hold (the averages stay float32)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class TrainingConfig:
     status: int = 128 * Ki  # status line interval, images
     snapshot: int = 8 * Mi  # EMA snapshot interval, images
     checkpoint: int = 128 * Mi  # training-state checkpoint interval, images
+    loss_scaling: float = 1.0  # --ls, constant factor on the loss (the official fp16 recipe)
+    snapshot_dtype: str = "float32"  # EMA snapshot files: float16 in the official EDM2 runs
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -65,7 +68,8 @@ class EDMRecipe:
 @dataclass(frozen=True)
 class Preset:
     """A named network shape plus training hyper-parameters and the data they are meant for; `edm` holds the
-    EDM (2022) recipe of the `edm-*` presets (None: EDM2's)."""
+    EDM (2022) recipe of the `edm-*` presets (None: EDM2's). `official`: a setup of the official code (the
+    `edm2-img*` and `edm-*` presets), which keeps its published schedule whatever the run's duration."""
 
     name: str
     description: str
@@ -73,6 +77,7 @@ class Preset:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     edm: EDMRecipe | None = None
     encoder: str = "StandardRGBEncoder"  # the data it trains on: pixels, or "StabilityVAEEncoder" latents
+    official: bool = False
 
     @property
     def latents(self) -> bool:
@@ -95,8 +100,9 @@ def _official(family: str, size: str, channels: int, lr: float, dropout: float, 
         network=NetworkConfig(img_resolution=64, img_channels=img_channels, label_dim=1000,
                               model_channels=channels, dropout=dropout),
         training=TrainingConfig(batch_size=2048, duration=duration_Mi * Mi, lr=lr, decay=decay,
-                                P_mean=P_mean, P_std=P_std),
+                                P_mean=P_mean, P_std=P_std, snapshot_dtype="float16"),
         encoder=encoder,
+        official=True,
     )
 
 
@@ -185,9 +191,9 @@ def _edm(name: str, description: str, resolution: int, arch: str, precond: str, 
     tick = tick_kimg * 1000
     training = TrainingConfig(batch_size=batch, duration=int(duration_Mimg * 1e6), lr=lr, decay=0, rampup_Mimg=10,
                               P_mean=-1.2, P_std=1.2, ema_stds=(), status=tick, snapshot=50 * tick,
-                              checkpoint=500 * tick)
+                              checkpoint=500 * tick, loss_scaling=ls)
     return Preset(name, description, EDMNetworkConfig(class_name, kwargs), training,
-                  EDMRecipe(loss=loss, augment=augment, ema_halflife_Mimg=ema, loss_scaling=ls))
+                  EDMRecipe(loss=loss, augment=augment, ema_halflife_Mimg=ema, loss_scaling=ls), official=True)
 
 
 def _edm_presets() -> list[Preset]:
@@ -227,3 +233,36 @@ def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+def edm_train_preset(arch: str = "ddpmpp", precond: str = "edm") -> Preset:
+    """What the EDM (2022) train.py trains with `--arch` and `--precond` and no other option: its defaults, which
+    are the CIFAR-10 setup: `edm-cifar10-<arch>-<precond>`, or for ADM (no such preset) `edm-train-adm-<precond>`.
+    ValueError for an unknown architecture or preconditioning."""
+    if arch not in EDM_ARCHS or precond not in EDM_PRECONDS:
+        raise ValueError(f"unknown --arch {arch!r} or --precond {precond!r}; choose --arch from "
+                         f"{', '.join(EDM_ARCHS)} and --precond from {', '.join(EDM_PRECONDS)}")
+    name = f"edm-cifar10-{arch}-{precond}"
+    if name in PRESETS:
+        return PRESETS[name]
+    return _edm(f"edm-train-{arch}-{precond}", f"EDM (2022) train.py defaults (the CIFAR-10 recipe) with "
+                f"{arch.upper()} and {precond.upper()} preconditioning", 32, arch, precond)
+
+
+def _levels(network: NetworkSpec) -> int:
+    """The number of resolution levels of a U-Net: one per channel multiplier."""
+    return len(network["channel_mult"])
+
+
+def network_at(network: NetworkSpec, resolution: int, channels: int, what: str = "the network") -> NetworkSpec:
+    """`network` built for data of `resolution` x `resolution` x `channels` (the network's space: latent channels
+    for latents), as the official code builds its network from the dataset; the other arguments (attention
+    resolutions included) stay. ValueError, naming `what`, when a level could not halve the resolution."""
+    halvings = _levels(network) - 1
+    if resolution < 1 << halvings or resolution % (1 << halvings) or channels < 1:
+        raise ValueError(f"{what} halves the resolution {halvings} times, so it needs a multiple of {1 << halvings} "
+                         f"pixels, not {resolution}x{resolution}x{channels}; resize the images or choose a preset "
+                         "that matches the data")
+    if (resolution, channels) == (network.img_resolution, network.img_channels):
+        return network
+    return network.replace(img_resolution=resolution, img_channels=channels)

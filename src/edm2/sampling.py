@@ -36,10 +36,25 @@ from edm2.schedules import (
 )
 
 __all__ = ["edm_sigma_steps", "edm_sampler", "edm_solve", "ablation_sampler", "design_steps", "DesignSteps",
-           "ablation_solve", "SamplerSettings", "SOLVERS", "StackedRandomGenerator", "Denoiser"]
+           "ablation_solve", "SamplerSettings", "SOLVERS", "StackedRandomGenerator", "Denoiser", "EDM2_STEPS",
+           "EDM_RELEASE_STEPS", "is_edm_release", "official_steps"]
 
 Denoiser = Callable[..., torch.Tensor]
 SOLVERS = ("heun", "euler")
+EDM2_STEPS = 32  # the default of EDM2's generate_images.py
+EDM_RELEASE_STEPS = 18  # the default of the EDM (2022) release's generate.py, both of its samplers
+
+
+def is_edm_release(net: Denoiser) -> bool:
+    """Whether `net` is a network of the EDM (2022) release (`VPPrecond`, `VEPrecond`, `iDDPMPrecond`,
+    `EDMPrecond`): those have `round_sigma`, EDM2's `Precond` has not."""
+    return hasattr(net, "round_sigma")
+
+
+def official_steps(net: Denoiser) -> int:
+    """The number of sampler steps the official code of the network's family samples with by default: 18 for a
+    network of the EDM release (its generate.py), 32 for anything else (EDM2's generate_images.py)."""
+    return EDM_RELEASE_STEPS if is_edm_release(net) else EDM2_STEPS
 
 
 def edm_sampler(
@@ -237,12 +252,14 @@ def ablation_solve(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class SamplerSettings:
     """Every option of the samplers but their inputs, as one value (defaults: the EDM2 paper's sampling).
 
-    `discretization`, `schedule`, `scaling`, `alpha` (and the table parameters epsilon_s, C_1, C_2, M) choose a
-    point of the EDM design space (`ablation_sampler`); the defaults are `edm_sampler`'s. `sigma_min` and
-    `sigma_max` left at None take the discretization's official range (`default_sigma_range`).
+    `num_steps` None takes the official default of the network's family (`official_steps`: 18 for a network of
+    the EDM release, 32 otherwise), resolved by `for_network` (`time_steps` resolves it too). `discretization`,
+    `schedule`, `scaling`, `alpha` (and the table parameters epsilon_s, C_1, C_2, M) choose a point of the EDM
+    design space (`ablation_sampler`); the defaults are `edm_sampler`'s. `sigma_min` and `sigma_max` left at
+    None take the discretization's official range (`default_sigma_range`).
     """
 
-    num_steps: int = 32
+    num_steps: int | None = EDM2_STEPS  # None: `official_steps(net)`, see `for_network`
     sigma_min: float | None = None  # None: 0.002 for 'edm' (the discretization's default), set at construction
     sigma_max: float | None = None  # None: 80 for 'edm'
     rho: float = 7.0
@@ -269,7 +286,7 @@ class SamplerSettings:
         lo, hi = default_sigma_range(self.discretization, self.epsilon_s)
         object.__setattr__(self, "sigma_min", lo if self.sigma_min is None else self.sigma_min)
         object.__setattr__(self, "sigma_max", hi if self.sigma_max is None else self.sigma_max)
-        if self.num_steps < 1:
+        if self.num_steps is not None and self.num_steps < 1:
             raise ValueError(f"--steps must be at least 1, got {self.num_steps}")
         if not 0 < self.sigma_min < self.sigma_max < math.inf:
             raise ValueError(f"need 0 < --sigma-min < --sigma-max, got {self.sigma_min} and {self.sigma_max}")
@@ -284,9 +301,18 @@ class SamplerSettings:
             raise ValueError(f"need 0 < epsilon_s < 1, C_1 > 0 and M >= 1, got {self.epsilon_s}, {self.C_1}, "
                              f"{self.M}")
 
+    def for_network(self, net: Denoiser) -> SamplerSettings:
+        """These settings with `num_steps` None replaced by the official default for `net` (`official_steps`); the
+        settings themselves when the number of steps is given."""
+        if self.num_steps is not None:
+            return self
+        return dataclasses.replace(self, num_steps=official_steps(net))
+
     @property
     def evaluations(self) -> int:
-        """Network evaluations per image (times two with guidance)."""
+        """Network evaluations per image (times two with guidance); ValueError while `num_steps` is None."""
+        if self.num_steps is None:
+            raise ValueError("num_steps None depends on the network: count the evaluations of for_network(net)")
         return 2 * self.num_steps - 1 if self.solver == "heun" else self.num_steps
 
     @property
@@ -305,11 +331,13 @@ class SamplerSettings:
 
     def time_steps(self, net: Denoiser, device: torch.device | str = "cpu") -> torch.Tensor | DesignSteps:
         """The steps these settings take with `net`, made once for any number of batches: the noise levels of
-        `edm_sampler`, or the `DesignSteps` of `ablation_sampler` (EDM-release networks, other design points)."""
-        if self.is_edm_sampler and not hasattr(net, "round_sigma"):
-            return edm_sigma_steps(self.num_steps, self.sigma_min, self.sigma_max, self.rho, dtype=torch.float32,
+        `edm_sampler`, or the `DesignSteps` of `ablation_sampler` (EDM-release networks, other design points).
+        `num_steps` None: the official default for `net` (`for_network`)."""
+        num_steps = self.for_network(net).num_steps
+        if self.is_edm_sampler and not is_edm_release(net):
+            return edm_sigma_steps(num_steps, self.sigma_min, self.sigma_max, self.rho, dtype=torch.float32,
                                    device=device)
-        return design_steps(net, self.num_steps, self.sigma_min, self.sigma_max, self.rho, self.discretization,
+        return design_steps(net, num_steps, self.sigma_min, self.sigma_max, self.rho, self.discretization,
                             self.schedule, self.scaling, self.epsilon_s, self.C_1, self.C_2, self.M,
                             self.dtype_for(net), device)
 

@@ -102,7 +102,7 @@ def _run_vae_job(job, source, dest, vae, device, batch_size, precision, max_imag
 @dataset.command()
 @click.option("--source", required=True, type=click.Path(), help="Pixel dataset: folder or .zip of RGB images.")
 @click.option("--dest", required=True, type=click.Path(), help="Output: an uncompressed .zip or a folder.")
-@click.option("--vae", default="stabilityai/sd-vae-ft-mse", show_default=True, help=_VAE_HELP)
+@click.option("--vae", "--model-url", "vae", default="stabilityai/sd-vae-ft-mse", show_default=True, help=_VAE_HELP)
 @_vae_options
 @_workers_option(2)
 @friendly_errors
@@ -117,7 +117,7 @@ def encode(source, dest, vae, device, batch_size, precision, max_images, workers
 @dataset.command()
 @click.option("--source", required=True, type=click.Path(), help="Latent dataset (from `edm2 dataset encode`).")
 @click.option("--dest", required=True, type=click.Path(), help="Output: an uncompressed .zip or a folder.")
-@click.option("--vae", help=_VAE_HELP + "  [default: the one the dataset records]")
+@click.option("--vae", "--model-url", "vae", help=_VAE_HELP + "  [default: the one the dataset records]")
 @_vae_options
 @_workers_option(2)
 @friendly_errors

@@ -1,4 +1,9 @@
-"""`edm2 reconstruct` and `edm2 ema-sweep`: post-hoc EMA from a run's snapshots."""
+"""`edm2 reconstruct` and `edm2 ema-sweep`: post-hoc EMA from a run's snapshots.
+
+`edm2 reconstruct` also answers the command line of the official `reconstruct_phema.py`: `--indir`, `--outdir`,
+`--outstd` (= `--std`, with the official list syntax `0.010,0.015,...,0.250`), `--outkimg` (the target time in
+the thousands of the official file names), `--instd` (= `--from-std`), `--skip` and `--batch`.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,60 @@ import click
 from edm2.cli.app import friendly_errors, main
 from edm2.cli.params import NIMG, parse_std_for, parse_std_list
 
+OFFICIAL_MAX_STD = 0.289  # the official list parser's bound on a relative standard deviation
+
+
+def _fill_ellipsis(raw: list[float | None], i: int, option: str) -> list[float]:
+    """The values an official '...' at `raw[i]` stands for: the step of the two numbers before it, repeated up
+    to the number after it (which is not included)."""
+    if i < 2 or raw[i - 2] is None or raw[i - 1] is None:
+        raise ValueError(f"{option}: '...' must follow at least two numbers")
+    if i + 1 >= len(raw) or raw[i + 1] is None:
+        raise ValueError(f"{option}: '...' must be followed by a number")
+    a, b, end = raw[i - 2], raw[i - 1], raw[i + 1]
+    if a == b:
+        raise ValueError(f"{option}: the two numbers before '...' must differ")
+    steps = (end - b) / (b - a) - 1
+    count = round(steps)
+    if count <= 0:
+        raise ValueError(f"{option}: '...' must stand for at least one value")
+    if abs(count - steps) > 1e-4:
+        raise ValueError(f"{option}: '...' must stand for evenly spaced values up to {end:g}")
+    return [b + (b - a) * (j + 1) for j in range(count)]
+
+
+def parse_official_std_list(text: str, option: str = "--outstd") -> list[float]:
+    """The official `reconstruct_phema.py` list of relative standard deviations: comma-separated numbers where
+    '...' continues the step of the two numbers before it up to the one after it ('0.010,0.015,...,0.030' ->
+    0.010, 0.015, 0.020, 0.025, 0.030); the values sorted, each once, and in (0, 0.289)."""
+    try:
+        raw = [None if v.strip() == "..." else float(v) for v in str(text).split(",")]
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated numbers and '...', got {text!r}") from None
+    values: list[float] = []
+    for i, v in enumerate(raw):
+        values.extend([v] if v is not None else _fill_ellipsis(raw, i, option))
+    values = sorted(set(values))
+    if not all(0 < v < OFFICIAL_MAX_STD for v in values):
+        raise ValueError(f"{option}: every relative standard deviation must lie in (0, {OFFICIAL_MAX_STD})")
+    return values
+
+
+def _std_values(text: str, option: str) -> tuple[list[float], list[float]]:
+    """(values, dropped) of an EMA-length option: the official '...' list, or ours (`parse_std_list`)."""
+    if "..." in str(text):
+        return parse_official_std_list(text, option), []
+    return parse_std_list(text, option)
+
 
 def _posthoc_options(fn):
     """Options shared by `reconstruct` and `ema-sweep`: which snapshots to use and how strictly."""
     fn = click.option("--allow-gaps", is_flag=True, help="Accept irregular snapshot series (missing snapshots).")(fn)
     fn = click.option("--max-error", type=float, default=0.1, show_default=True,
                       help="Largest accepted relative squared L2 error of a reconstructed weighting profile.")(fn)
-    fn = click.option("--from-std", "from_stds",
+    fn = click.option("--from-std", "--instd", "from_stds",
                       help="Use only the snapshots of these tracked sigma_rel (e.g. 0.10: one average per "
-                           "snapshot).  [default: all]")(fn)
+                           "snapshot; --instd: the official name).  [default: all]")(fn)
     fn = click.option("--nimg", type=NIMG, help="Target training time in images.  [default: last snapshot]")(fn)
     return fn
 
@@ -27,25 +77,40 @@ def _note_dropped(dropped: list[float]) -> None:
 
 
 @main.command()
-@click.option("--indir", required=True, type=click.Path(), help="Training run folder or folder of snapshots.")
+@click.option("--indir", required=True, type=click.Path(),
+              help="Training run folder or folder of snapshots: edm2's, or the official raw snapshots "
+                   "(network-snapshot-<kimg>-<std>.pkl).")
 @click.option("--outdir", required=True, type=click.Path(file_okay=False), help="Where to write the results.")
-@click.option("--std", "stds", required=True,
-              help="EMA lengths sigma_rel: a comma list (0.10,0.15) or start:stop:step (0.05:0.20:0.05).")
+@click.option("--std", "--outstd", "stds", required=True,
+              help="EMA lengths sigma_rel: a comma list (0.10,0.15), start:stop:step (0.05:0.20:0.05), or the "
+                   "official list with '...' (0.010,0.015,...,0.250).")
 @click.option("--std-for", "std_for", multiple=True,
               help="PATTERN=SIGMA_REL: another length for tensors whose name matches the fnmatch PATTERN "
                    "(repeatable; the first match wins), e.g. 'unet.enc.*=0.05'.")
+@click.option("--outkimg", type=click.IntRange(min=1),
+              help="Target time in thousands of images, as in the official file names (instead of --nimg).")
+@click.option("--skip", "skip_existing", is_flag=True, help="Skip the outputs whose file exists already.")
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Most outputs reconstructed per pass over the snapshots (more: one pass per batch).")
 @_posthoc_options
 @friendly_errors
-def reconstruct(indir, outdir, stds, std_for, nimg, from_stds, max_error, allow_gaps) -> None:
+def reconstruct(indir, outdir, stds, std_for, outkimg, skip_existing, batch, nimg, from_stds, max_error,
+                allow_gaps) -> None:
     """Post-hoc EMA: synthesize EMA lengths at any time from a run's snapshots."""
     from edm2.ema.reconstruct import EMATarget, posthoc_reconstruct
+    from edm2.files.pickle_convert import kimg_to_nimg
 
-    values, dropped = parse_std_list(stds, "--std")
+    values, dropped = _std_values(stds, "--std")
     per_tensor = parse_std_for(std_for)
-    inputs = None if from_stds is None else parse_std_list(from_stds, "--from-std")[0]
+    inputs = None if from_stds is None else _std_values(from_stds, "--from-std")[0]
+    if outkimg is not None and nimg is not None:
+        raise ValueError("give the target time once: --nimg or --outkimg")
+    nimg = kimg_to_nimg(outkimg) if outkimg is not None else nimg
     _note_dropped(dropped)
     results = posthoc_reconstruct(indir, outdir, [EMATarget(s, per_tensor) for s in values], nimg, inputs,
-                                  max_error, allow_gaps)
+                                  max_error, allow_gaps, batch=batch, skip_existing=skip_existing)
+    if len(results) < len(values):
+        click.echo(f"note: skipped {len(values) - len(results)} output(s) that exist already (--skip)")
     for r in results:
         detail = ""
         if len(r.profile_errors) > 1:
@@ -83,8 +148,8 @@ def ema_sweep(run_dir, outdir, stds, samples, steps, judge_path, data, judge_ima
     from edm2.metrics.judge import quality_for_run
     from edm2.runtime import resolve_device
 
-    values, dropped = parse_std_list(stds, "--std")
-    inputs = None if from_stds is None else parse_std_list(from_stds, "--from-std")[0]
+    values, dropped = _std_values(stds, "--std")
+    inputs = None if from_stds is None else _std_values(from_stds, "--from-std")[0]
     if samples < 2 or steps < 1:
         raise ValueError(f"--samples must be >= 2 and --steps >= 1, got {samples} and {steps}")
     _note_dropped(dropped)

@@ -9,13 +9,16 @@ from edm2.cli.params import parse_seeds, sampler_options
 
 
 @main.command()
-@click.option("--net", "net_path", required=True, type=click.Path(), help="Snapshot file (.safetensors).")
+@click.option("--net", "--network", "net_path", required=True, type=click.Path(),
+              help="Snapshot file (.safetensors) or official pickle (.pkl).")
 @click.option("--outdir", type=click.Path(file_okay=False), help="Folder for one PNG per seed.")
+@click.option("--subdirs", is_flag=True, help="One subfolder of --outdir per 1000 seeds (000000, 001000, ...).")
 @click.option("--seeds", default="0-63", show_default=True, help="Seeds, e.g. 0-63 or 1,5,10-20.")
 @click.option("--class", "class_idx", type=int, help="Class for all images.  [default: random per seed]")
 @click.option("--gnet", "gnet_path", type=click.Path(), help="Guide snapshot (e.g. a small unconditional model).")
 @click.option("--batch", "batch_size", type=int, default=64, show_default=True, help="Images per batch.")
-@click.option("--grid", type=click.Path(dir_okay=False), help="Also write all images as one grid PNG.")
+@click.option("--grid", type=click.Path(dir_okay=False),
+              help="Also write the first images (at most 64, edm2.generate.GRID_SIZE) as one grid PNG.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
               help="U-Net precision: fp32, bf16 (also on CPU) or fp16 (CUDA).  "
@@ -26,10 +29,12 @@ from edm2.cli.params import parse_seeds, sampler_options
                             "[default: the one the snapshot records]")
 @friendly_errors
 @sampler_options()
-def generate(net_path, outdir, seeds, class_idx, gnet_path, batch_size, grid, device, precision, compile_net,
+def generate(net_path, outdir, subdirs, seeds, class_idx, gnet_path, batch_size, grid, device, precision, compile_net,
              allow_tf32, vae, settings) -> None:
     """Generate images from a snapshot; an image depends only on its seed. Latent models are decoded with the
-    snapshot's encoder (the VAE). Under torchrun, the seeds are split over the processes."""
+    snapshot's encoder (the VAE). Each batch is written and dropped, so memory does not grow with the number of
+    seeds. Under torchrun, the seeds are split over the processes. Networks of the EDM (2022) release sample
+    with the defaults of its generate.py (18 steps) unless --steps is given."""
     from tqdm import tqdm
 
     from edm2.data import StandardRGBEncoder, encoder_from_dict
@@ -47,7 +52,7 @@ def generate(net_path, outdir, seeds, class_idx, gnet_path, batch_size, grid, de
         encoder = encoder_from_dict(snap.encoder, vae_name=vae)
         if vae is not None and isinstance(encoder, StandardRGBEncoder):
             raise ValueError(f"--vae applies to latent models; {net_path} generates pixels")
-        session = SamplingSession(net, gnet, settings, encoder, batch_size, device,
+        session = SamplingSession(net, gnet, settings.for_network(net), encoder, batch_size, device,
                                   resolve_precision(precision, device, net.use_fp16), compile_net, allow_tf32,
                                   (snap.encoder, gsnap.encoder) if gsnap is not None else None)
         session.check(seed_list, class_idx)  # a guide of another space, a bad class, ... before the VAE loads
@@ -60,7 +65,7 @@ def generate(net_path, outdir, seeds, class_idx, gnet_path, batch_size, grid, de
                 bar.update(done - bar.n)
 
         try:  # the session loads a latent model's VAE before any image is made or folder written
-            generate_with(session, seed_list, outdir, grid, progress, class_idx)
+            generate_with(session, seed_list, outdir, grid, progress, class_idx, return_images=False, subdirs=subdirs)
         finally:
             if bar is not None:
                 bar.close()

@@ -13,6 +13,8 @@ import click
 from edm2.cli.app import friendly_errors, main, one_voice
 from edm2.cli.params import parse_seeds, sampler_options
 
+OFFICIAL_NUM = 50_000  # edm2.metrics.measure.OFFICIAL_NUM (not imported here: the command line loads lazily)
+
 
 def _common(fn):
     """Options of every metrics command: which metrics, where the detector weights are, device, batch."""
@@ -85,6 +87,19 @@ def _flatten(result: dict[str, dict[str, float]]) -> dict[str, float]:
     return {(m if k == "fd" else f"{m}/{k}"): v for m, values in result.items() for k, v in values.items()}
 
 
+def _gen_seeds(seeds: str | None, first: int | None, num: int | None) -> list[int]:
+    """The seeds of one evaluation: `--seeds`, or the official `--seed`/`--num` (seeds first .. first + num - 1;
+    first 0 and num 50000 by default, as calculate_metrics.py gen), not both."""
+    if seeds is not None and (first is not None or num is not None):
+        raise ValueError("give --seeds, or the official --seed/--num, not both")
+    if seeds is not None:
+        return parse_seeds(seeds)
+    first, num = (0 if first is None else first), (OFFICIAL_NUM if num is None else num)
+    if first < 0 or num < 2:
+        raise ValueError(f"need --seed >= 0 and --num >= 2 (statistics need two images), got {first} and {num}")
+    return list(range(first, first + num))
+
+
 @main.group()
 def metrics() -> None:
     """FID and FD_DINOv2 as in the EDM2 paper (docs/metrics.md): reference statistics of a dataset ('ref'), the
@@ -129,7 +144,9 @@ def ref(data_path, dest, keep_features, workers, metric_list, detector_dir, devi
 @metrics.command()
 @click.option("--images", "image_path", required=True, help="Image folder, .zip, .npz or 'digits'.")
 @click.option("--ref", "ref_path", required=True, help="Reference statistics (.npz, or the official .pkl/.npz).")
-@click.option("--num", "num_images", type=int, help="Measure a random subset of this many images.  [default: all]")
+@click.option("--num", "num_images", type=int, default=OFFICIAL_NUM, show_default=True,
+              help="Images to measure: a random subset drawn as the official calculate_metrics.py draws it (all "
+                   "when there are exactly this many; fewer is an error).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random subset.")
 @click.option("--workers", type=int, default=2, show_default=True, help="Image-decoding processes.")
 @click.option("--results", "results_path", type=click.Path(dir_okay=False), help="Also write the results as JSON.")
@@ -139,7 +156,7 @@ def calc(image_path, ref_path, num_images, seed, workers, results_path, metric_l
          batch_size) -> None:
     """FID / FD_DINOv2 (and precision/recall when the reference keeps features) of a set of images."""
     from edm2.metrics.images import open_images
-    from edm2.metrics.measure import compare, measure_images
+    from edm2.metrics.measure import compare, draw_subset, measure_images
     from edm2.metrics.stats import load_reference
     from edm2.runtime import distributed
 
@@ -148,6 +165,7 @@ def calc(image_path, ref_path, num_images, seed, workers, results_path, metric_l
         metric_names = _parse_metrics(metric_list, list(reference.stats))
         images = open_images(image_path)
         reference.check(metric_names, images.resolution)
+        draw_subset(len(images), num_images, seed, image_path)  # too few images: one line, before the detectors
         device, detectors = _setup(metric_names, detector_dir, device)
         reference.check(metric_names, images.resolution, {m: d.feature_dim for m, d in detectors.items()})
         keep = min((len(reference.stats[m].features) for m in metric_names
@@ -162,7 +180,11 @@ def calc(image_path, ref_path, num_images, seed, workers, results_path, metric_l
 @click.option("--net", "net_path", required=True, type=click.Path(), help="Snapshot (.safetensors or official .pkl).")
 @click.option("--gnet", "gnet_path", type=click.Path(), help="Guide snapshot (for --guidance).")
 @click.option("--ref", "ref_path", required=True, help="Reference statistics (.npz, or the official .pkl/.npz).")
-@click.option("--seeds", default="0-49999", show_default=True, help="Seeds of one evaluation, e.g. 0-49999.")
+@click.option("--seeds", help="Seeds of one evaluation, e.g. 0-49999.  [default: 0-49999]")
+@click.option("--seed", "first_seed", type=int, help="The official spelling: the first seed of --num consecutive "
+                                                     "seeds (instead of --seeds).  [default: 0]")
+@click.option("--num", "num_images", type=int, help="The official spelling: images of one evaluation, seeds --seed "
+                                                    "to --seed + --num - 1.  [default: 50000]")
 @click.option("--repeats", type=int, default=1, show_default=True,
               help="Evaluations on disjoint seed ranges (the paper reports the minimum of 3).")
 @click.option("--seed-stride", type=int, help="Offset between the seeds of repeats.  [default: the seed span]")
@@ -175,16 +197,18 @@ def calc(image_path, ref_path, num_images, seed, workers, results_path, metric_l
 @_common
 @friendly_errors
 @sampler_options()
-def gen(net_path, gnet_path, ref_path, seeds, repeats, seed_stride, outdir, precision, vae, results_path, metric_list,
-        detector_dir, device, batch_size, settings) -> None:
-    """FID / FD_DINOv2 of a model's samples, generated in batches straight into the feature networks."""
+def gen(net_path, gnet_path, ref_path, seeds, first_seed, num_images, repeats, seed_stride, outdir, precision, vae,
+        results_path, metric_list, detector_dir, device, batch_size, settings) -> None:
+    """FID / FD_DINOv2 of a model's samples, generated in batches straight into the feature networks (each batch
+    measured and dropped). Networks of the EDM (2022) release sample with the defaults of its generate.py (18
+    steps) unless --steps is given."""
     from edm2.data import encoder_from_dict
     from edm2.files import load_network
     from edm2.metrics.measure import ModelUnderTest, evaluate_model, seed_repeats
     from edm2.metrics.stats import load_reference
     from edm2.runtime import distributed, resolve_device, resolve_precision
 
-    runs = seed_repeats(parse_seeds(seeds), repeats, seed_stride)
+    runs = seed_repeats(_gen_seeds(seeds, first_seed, num_images), repeats, seed_stride)
     with one_voice(), distributed(device) as (rank, _):
         reference = load_reference(ref_path)
         metric_names = _parse_metrics(metric_list, list(reference.stats))
@@ -196,7 +220,7 @@ def gen(net_path, gnet_path, ref_path, seeds, repeats, seed_stride, outdir, prec
         for w in caught:
             click.echo(f"edm2: warning: {w.message}", err=True)
         encoder = encoder_from_dict(snap.encoder, vae_name=vae)
-        model = ModelUnderTest(net, gnet, settings, encoder, batch_size, device,
+        model = ModelUnderTest(net, gnet, settings.for_network(net), encoder, batch_size, device,
                                resolve_precision(precision, device, net.use_fp16),
                                (snap.encoder, gsnap.encoder) if gsnap is not None else None)
         model.session().check(runs[0])  # the request as `edm2 generate` checks it, before anything is loaded

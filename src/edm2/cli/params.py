@@ -166,33 +166,38 @@ def parse_std_for(items: Sequence[str], option: str = "--std-for") -> tuple[tupl
     return tuple(pairs)
 
 
-# (option, SamplerSettings field, type, help)
+# (option names, SamplerSettings field, type, help): our spelling first, then the official one where it differs
+# (EDM2's generate_images.py and EDM's generate.py write --sigma_min, --S_churn, ...).
 _SAMPLER_OPTIONS = [
-    ("--steps", "num_steps", int, "Sampler steps (Heun: 2*steps-1 network evaluations)."),
-    ("--sigma-min", "sigma_min", float, "Lowest noise level of the time steps.  [default: varies with --disc, "
-                                        "0.002 for edm]"),
-    ("--sigma-max", "sigma_max", float, "Highest noise level (the noise the sampler starts from).  [default: "
-                                        "varies with --disc, 80 for edm]"),
-    ("--rho", "rho", float, "Time-step exponent (EDM Eq. 5)."),
-    ("--solver", "solver", click.Choice(SOLVERS), "ODE solver: heun (2nd order) or euler (1st order)."),
-    ("--guidance", "guidance", float, "Guidance weight w (needs --gnet when not 1)."),
-    ("--S-churn", "S_churn", float, "Stochasticity (EDM Algorithm 2); 0: deterministic."),
-    ("--S-min", "S_min", float, "Churn only for sigma >= S_min."),
-    ("--S-max", "S_max", float, "... and sigma <= S_max."),
-    ("--S-noise", "S_noise", float, "Churn noise scale."),
+    (("--steps",), "num_steps", int, "Sampler steps (Heun: 2*steps-1 network evaluations).  [default: 32; 18 for "
+                                     "networks of the EDM release, as their generate.py]"),
+    (("--sigma-min", "--sigma_min"), "sigma_min", float, "Lowest noise level of the time steps.  [default: varies "
+                                                         "with --disc, 0.002 for edm]"),
+    (("--sigma-max", "--sigma_max"), "sigma_max", float, "Highest noise level (the noise the sampler starts from).  "
+                                                         "[default: varies with --disc, 80 for edm]"),
+    (("--rho",), "rho", float, "Time-step exponent (EDM Eq. 5)."),
+    (("--solver",), "solver", click.Choice(SOLVERS), "ODE solver: heun (2nd order) or euler (1st order)."),
+    (("--guidance",), "guidance", float, "Guidance weight w (needs --gnet when not 1)."),
+    (("--S-churn", "--S_churn"), "S_churn", float, "Stochasticity (EDM Algorithm 2); 0: deterministic."),
+    (("--S-min", "--S_min"), "S_min", float, "Churn only for sigma >= S_min."),
+    (("--S-max", "--S_max"), "S_max", float, "... and sigma <= S_max."),
+    (("--S-noise", "--S_noise"), "S_noise", float, "Churn noise scale."),
     # The EDM design space (EDM Table 1); the defaults are the EDM point (edm_sampler).
-    ("--disc", "discretization", click.Choice(DISCRETIZATIONS), "Time-step discretization (EDM Table 1)."),
-    ("--schedule", "schedule", click.Choice(SCHEDULES), "Noise schedule sigma(t)."),
-    ("--scaling", "scaling", click.Choice(SCALINGS), "Signal scaling s(t)."),
-    ("--alpha", "alpha", float, "Parameter of the 2nd-order step (1: Heun, 0.5: midpoint)."),
+    (("--disc",), "discretization", click.Choice(DISCRETIZATIONS), "Time-step discretization (EDM Table 1)."),
+    (("--schedule",), "schedule", click.Choice(SCHEDULES), "Noise schedule sigma(t)."),
+    (("--scaling",), "scaling", click.Choice(SCALINGS), "Signal scaling s(t)."),
+    (("--alpha",), "alpha", float, "Parameter of the 2nd-order step (1: Heun, 0.5: midpoint)."),
 ]
 
 
-_VARYING = ("sigma_min", "sigma_max")  # None: the discretization's range (SamplerSettings resolves it)
+# None: resolved later, by SamplerSettings (the discretization's range) or for the network (the official steps)
+_VARYING = ("num_steps", "sigma_min", "sigma_max")
 
 
 def sampler_options(defaults: SamplerSettings = SamplerSettings()) -> Callable:
-    """Decorator: the sampler's options, handed to the command as one `settings: SamplerSettings` argument."""
+    """Decorator: the sampler's options, handed to the command as one `settings: SamplerSettings` argument.
+    `--steps` left out gives `num_steps` None: the command resolves it for its network
+    (`SamplerSettings.for_network`)."""
 
     def decorate(fn: Callable) -> Callable:
         @functools.wraps(fn)
@@ -200,11 +205,10 @@ def sampler_options(defaults: SamplerSettings = SamplerSettings()) -> Callable:
             values = {field: kwargs.pop(field) for _, field, _, _ in _SAMPLER_OPTIONS}
             return fn(*args, settings=SamplerSettings(**values), **kwargs)
 
-        for option, field, kind, help in reversed(_SAMPLER_OPTIONS):
+        for names, field, kind, help in reversed(_SAMPLER_OPTIONS):
             default = None if field in _VARYING else getattr(defaults, field)
-            wrapper = click.option(option, field, type=kind, default=default, show_default=default is not None,
+            wrapper = click.option(*names, field, type=kind, default=default, show_default=default is not None,
                                    help=help)(wrapper)
         return wrapper
 
     return decorate
-

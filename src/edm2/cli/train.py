@@ -1,12 +1,17 @@
-"""`edm2 train`, `edm2 info` and `edm2 demo`."""
+"""`edm2 train`, `edm2 info` and `edm2 demo`.
+
+`edm2 train` also reads the official command lines (EDM2's train_edm2.py, EDM's train.py): the other spellings
+of an option that the table declares (`Option.aliases`, e.g. --P_mean), flags given a BOOL value (--cond=0,
+--fp16=1), and in a command line that names --arch or --precond, EDM's units (`official_args`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import json
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import click
 
@@ -14,9 +19,29 @@ from edm2.cli.app import friendly_errors, main, one_voice
 from edm2.cli.params import BUDGET, FLOATS, NIMG
 from edm2.training.options import Option, TrainOptions, option_fields
 
+
+class IntList(click.ParamType):
+    """Comma-separated integers ('1,2,2,2') as a tuple of ints, as a click parameter type."""
+
+    name = "ints"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            values = tuple(int(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            values = ()
+        if not values:
+            self.fail(f"takes comma-separated integers (e.g. 1,2,2,2), got {value!r}", param, ctx)
+        return values
+
+
+INTS = IntList()
+
 # The click types of the markers of `edm2.training.options.Option.kind`; plain types (str, int, float) stand as
 # they are, tuples are choices and bool is a flag.
-_TYPES: dict[str, click.ParamType] = {"nimg": NIMG, "budget": BUDGET, "floats": FLOATS,
+_TYPES: dict[str, click.ParamType] = {"nimg": NIMG, "budget": BUDGET, "floats": FLOATS, "ints": INTS,
                                       "dir": click.Path(file_okay=False), "file": click.Path(dir_okay=False),
                                       "count": click.IntRange(min=0)}
 
@@ -59,9 +84,111 @@ def train_options() -> Callable:
     return decorate
 
 
-@main.command()
+# ----------------------------------------------------------------------------------------------------
+# The official command lines.
+
+_TRUE, _FALSE = {"1", "true", "t", "yes", "y", "on"}, {"0", "false", "f", "no", "n", "off"}  # click's BOOL
+_EDM_TRAIN = ("--arch", "--precond")  # a command line naming one of these is that of EDM's train.py
+_EDM_TICKS = {"--tick": 50, "--snap": 50, "--dump": 500}  # EDM's train.py: kimg per tick, ticks per write
+
+
+def _spellings() -> tuple[dict[str, str], dict[str, tuple[str, str | None]]]:
+    """From the option table: every alias -> our spelling, and every flag spelling -> (on, off or None)."""
+    aliases, flags = {}, {}
+    for f in option_fields():
+        spec: Option = f.metadata["option"]
+        on, _, off = spec.spelling(f.name).partition("/")
+        aliases.update({alias: on for alias in spec.aliases})
+        if spec.kind is bool:
+            flags.update({name: (on, off or None) for name in (on, *spec.aliases)})
+    return aliases, flags
+
+
+def _edm_number(name: str, value: str) -> float:
+    """The number an EDM train.py option was given; a usage error otherwise."""
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"{name} takes a number in EDM's train.py units, got {value!r}") from None
+
+
+def _edm_intervals(ticks: dict[str, float]) -> list[str]:
+    """EDM train.py's --tick (kimg), --snap and --dump (ticks) as our --status, --snapshot and --checkpoint."""
+    tick = int(ticks.get("--tick", _EDM_TICKS["--tick"])) * 1000
+    given = set(ticks)
+    out = [f"--status={tick}"] if "--tick" in given else []
+    for ours, theirs in (("--snapshot", "--snap"), ("--checkpoint", "--dump")):
+        if {"--tick", theirs} & given:
+            out.append(f"{ours}={tick * int(ticks.get(theirs, _EDM_TICKS[theirs]))}")
+    return out
+
+
+def _edm_units(args: list[str]) -> list[str]:
+    """An EDM train.py command line in our units: --duration in Mimg (a number without Ki/Mi/Gi), --tick in kimg,
+    --snap and --dump in ticks become images; unconditional unless --cond is given, as train.py's default."""
+    out, ticks = [], {}
+    i = 0
+    while i < len(args):
+        name, eq, value = args[i].partition("=")
+        if name in _EDM_TICKS or name == "--duration":
+            if not eq and i + 1 < len(args):
+                value, i = args[i + 1], i + 1
+            if name in _EDM_TICKS:
+                ticks[name] = _edm_number(name, value)
+            elif re.search(r"[KMG]i\s*$", value):
+                out.append(f"--duration={value}")  # an image count, our unit
+            else:  # train.py: total_kimg = max(int(duration * 1000), 1)
+                out.append(f"--duration={max(int(_edm_number(name, value) * 1000), 1) * 1000}")
+        else:
+            out.append(args[i])
+        i += 1
+    out += _edm_intervals(ticks)
+    if not {"--cond", "--uncond"} & {t.partition("=")[0] for t in out}:
+        out.append("--uncond")
+    return out
+
+
+def official_args(args: Sequence[str]) -> list[str]:
+    """A command line with the official spellings turned into ours: aliases (`Option.aliases`) to our spelling,
+    a flag's BOOL value (`--cond=0`, `--fp16 1`) to the flag or its opposite, and (with --arch or --precond)
+    EDM's train.py units (`_edm_units`). Anything else stays for click to parse or refuse."""
+    aliases, flags = _spellings()
+    out: list[str] = []
+    args = list(args)
+    i = 0
+    while i < len(args):
+        name, eq, value = args[i].partition("=")
+        name = aliases.get(name, name) if name.startswith("--") else name
+        if name in flags and not eq and i + 1 < len(args) and args[i + 1].lower() in _TRUE | _FALSE:
+            eq, value = "=", args[i + 1]  # the official BOOL given as the next word
+            i += 1
+        if name in flags and eq and value.lower() in _TRUE | _FALSE:
+            on, off = flags[name]
+            out += [on] if value.lower() in _TRUE else [off] if off else []
+        else:
+            out.append(name + eq + value)
+        i += 1
+    return _edm_units(out) if any(t.partition("=")[0] in _EDM_TRAIN for t in out) else out
+
+
+def _official_help() -> str:
+    """The epilog of `edm2 train --help`: the official spellings it reads."""
+    aliases = ", ".join(sorted(_spellings()[0]))
+    return ("Official command lines (train_edm2.py, EDM's train.py) are read as well: " + aliases + "; flags "
+            "with a BOOL value (e.g. --cond=0, --fp16=1); and with --arch/--precond, EDM's units: --duration in "
+            "Mimg, --tick in kimg, --snap and --dump in ticks, unconditional unless --cond is given.")
+
+
+class _TrainCommand(click.Command):
+    """`edm2 train`: parses the official spellings too (`official_args`)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, official_args(args))
+
+
+@main.command(cls=_TrainCommand, epilog=_official_help())
 @train_options()
-@click.option("--dry-run", is_flag=True, help="Validate and print the resolved options, then exit.")
+@click.option("-n", "--dry-run", is_flag=True, help="Validate and print the resolved options, then exit.")
 @friendly_errors
 def train(opts: TrainOptions, dry_run: bool) -> None:
     """Train a model (or resume the run in OUTDIR). Under torchrun, data-parallel over the processes."""
@@ -100,23 +227,32 @@ _DATA = {True: "VAE latents: make them with `edm2 dataset encode`", False: "pixe
 
 @main.command()
 @click.option("--preset", help="Preset to describe.  [default: list all]")
+@click.option("--resolution", type=click.IntRange(min=1), help="Describe the network built for data of this "
+              "resolution (latents: the latent resolution), as training builds it.  [default: the preset's]")
+@click.option("--channels", type=click.IntRange(min=1), help="... and of this many channels (latents: 4).  "
+              "[default: the preset's]")
 @friendly_errors
-def info(preset) -> None:
+def info(preset, resolution, channels) -> None:
     """Parameters, GFLOPs per evaluation and training hyper-parameters of presets."""
     from edm2.complexity import count_complexity
-    from edm2.presets import PRESETS, get_preset
+    from edm2.presets import PRESETS, get_preset, network_at
 
     if preset is None:
+        if resolution is not None or channels is not None:
+            raise ValueError("--resolution and --channels describe the network of one --preset; name it")
         for p in PRESETS.values():
             click.echo(f"{p.name:18s} {p.description}{'  [latents]' if p.latents else ''}")
         return
     p = get_preset(preset)
-    c = count_complexity(p.network)
+    net = network_at(p.network, resolution or p.network.img_resolution, channels or p.network.img_channels,
+                     f"preset {p.name}'s network")
+    c = count_complexity(net)
     click.echo(f"{p.name}: {p.description}")
     click.echo(f"  data              {_DATA[p.latents]} ({p.encoder})")
+    click.echo(f"  built for         {net.img_resolution}x{net.img_resolution}x{net.img_channels}")
     click.echo(f"  parameters        {c.parameters / 1e6:.2f} M")
     click.echo(f"  GFLOPs/eval       {c.gflops:.2f} (multiply-accumulates {c.macs / 1e9:.2f} G + weight norm)")
-    for k, v in p.network.to_dict().items():
+    for k, v in net.to_dict().items():
         click.echo(f"  network.{k:18s} {v}")
     for k, v in p.training.to_dict().items():
         click.echo(f"  training.{k:17s} {v}")

@@ -87,6 +87,21 @@ def solve_posthoc_coefficients(in_ofs: ArrayLike, in_std: ArrayLike, out_ofs: Ar
     return X / X.sum(axis=0, keepdims=True)
 
 
+def _copy_all(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
+    """dst[i] <- src[i] for every pair; nothing for empty lists (a network without buffers or parameters),
+    which the fused `torch._foreach_copy_` refuses."""
+    dst, src = list(dst), list(src)
+    if dst:
+        torch._foreach_copy_(dst, src)
+
+
+def _lerp_all(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], weight: float) -> None:
+    """dst[i] <- dst[i] + weight (src[i] - dst[i]) for every pair; nothing for empty lists."""
+    dst, src = list(dst), list(src)
+    if dst:
+        torch._foreach_lerp_(dst, src, weight)
+
+
 def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
     """The module inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
     while hasattr(net, "module") or hasattr(net, "_orig_mod"):
@@ -113,7 +128,7 @@ class PowerFunctionEMA:
     def reset(self) -> None:
         """Set every average to the current parameters."""
         for ema in self.emas:
-            torch._foreach_copy_(ema, [p.detach() for p in self.net.parameters()])
+            _copy_all(ema, [p.detach() for p in self.net.parameters()])
 
     @torch.no_grad()
     def update(self, cur_nimg: int, batch_size: int) -> None:
@@ -121,7 +136,7 @@ class PowerFunctionEMA:
         params = [p.detach() for p in self.net.parameters()]
         for std, ema in zip(self.stds, self.emas):
             beta = float(power_function_beta(std=std, t_next=cur_nimg, t_delta=batch_size))
-            torch._foreach_lerp_(ema, params, 1 - beta)
+            _lerp_all(ema, params, 1 - beta)
 
     @torch.no_grad()
     def get(self) -> list[tuple[torch.nn.Module, str]]:
@@ -131,8 +146,8 @@ class PowerFunctionEMA:
         if self._copies is None:
             self._copies = [copy.deepcopy(self.net).requires_grad_(False) for _ in self.stds]
         for ema, copy_net in zip(self.emas, self._copies):
-            torch._foreach_copy_(list(copy_net.parameters()), ema)
-            torch._foreach_copy_(list(copy_net.buffers()), list(self.net.buffers()))
+            _copy_all(copy_net.parameters(), ema)
+            _copy_all(copy_net.buffers(), self.net.buffers())
         return [(copy_net, f"-{std:.3f}") for std, copy_net in zip(self.stds, self._copies)]
 
     def state_dicts(self) -> list[tuple[float, dict[str, torch.Tensor]]]:
@@ -172,4 +187,4 @@ class TraditionalEMA:
         if self.rampup_ratio is not None:
             halflife = min(halflife, cur_nimg * self.rampup_ratio)
         beta = 0.5 ** (batch_size / max(halflife, 1e-8))
-        torch._foreach_lerp_(self.ema, [p.detach() for p in self.net.parameters()], 1 - beta)
+        _lerp_all(self.ema, [p.detach() for p in self.net.parameters()], 1 - beta)

@@ -5,11 +5,13 @@ combination of their weighting profiles, and execute it by streaming the snapsho
 last snapshot, optionally a different sigma_rel for tensors matched by name patterns. It reads one snapshot at
 a time, so memory holds one model per requested output plus the one being read.
 
-A folder of snapshots is valid input when (1) every file comes from the same network, (2) every snapshot
-time holds exactly one file per tracked sigma_rel, and (3) no snapshot is missing: a gap between two
-consecutive snapshot times (the first one counted from time 0) may not exceed 1.5 times every gap next
-to it, since a regular series with one snapshot removed has a gap twice its neighbours. Thinned series
-(every other snapshot) and a changed interval stay valid; `allow_gaps=True` accepts irregular series.
+The snapshots are edm2 snapshot files (float32 or float16) or the official raw snapshots
+(`network-snapshot-<kimg>-<std>.pkl`, float16), read without running code; `edm2.ema.scan` reads their headers and
+checks that they form one series of one network. The arithmetic is the official `reconstruct_phema.py`'s: each
+stored tensor is taken to float32 (float64 stays float64), multiplied by its coefficient and added to a float32
+accumulator; buffers are copied from the latest snapshot used; each output is written in the dtype of the inputs
+(float16 in, float16 out, as the official files). At most `batch` outputs are held at a time (the official
+`--batch`): more outputs stream the snapshots once per batch.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import fnmatch
 import hashlib
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,120 +28,21 @@ import numpy as np
 import torch
 
 from edm2.ema.power import MAX_SIGMA_REL, power_function_correlation, solve_posthoc_coefficients
-from edm2.files import (
-    Snapshot,
-    load_tensors,
-    network_from_metadata,
-    posthoc_filename,
-    read_metadata,
-    save_snapshot,
+from edm2.ema.scan import (
+    GAP_RATIO,
+    SnapshotInfo,
+    is_official_snapshot,
+    read_official_tensors,
+    scan_snapshots,
+    snapshot_header,
 )
+from edm2.files import Snapshot, load_tensors, network_from_metadata, posthoc_filename, save_snapshot
 
 __all__ = ["DEFAULT_MAX_ERROR", "GAP_RATIO", "SnapshotInfo", "EMATarget", "ReconstructionResult",
            "ReconstructionPlan", "scan_snapshots", "profile_error", "plan_reconstruction", "execute_reconstruction",
            "posthoc_reconstruct", "reconstruction_errors"]
 
 DEFAULT_MAX_ERROR = 0.1  # largest accepted relative squared L2 error of a reconstructed weighting profile
-GAP_RATIO = 1.5  # a gap longer than this times each neighbouring gap means a snapshot is missing
-
-
-# ----------------------------------------------------------------------------------------------------
-# Scan: the headers of a folder of snapshots.
-
-@dataclass(frozen=True)
-class SnapshotInfo:
-    """Header of one snapshot file."""
-
-    path: Path
-    nimg: int  # time of the snapshot (images, or whatever unit the writer counted)
-    sigma_rel: float
-    network: dict | None  # edm2 network config; None for models edm2 cannot rebuild
-    parameter_names: tuple[str, ...]
-    averaged_names: tuple[str, ...] | None  # None: not recorded (our trainer); derived from the network
-    network_class: str | None = None  # official class of an EDM-release network; None: EDM2's Precond
-
-
-def _signature(info: SnapshotInfo) -> str:
-    return json.dumps([info.network, info.parameter_names, info.network_class], sort_keys=True)
-
-
-def scan_snapshots(source: str | Path, stds: Sequence[float] | None = None,
-                   allow_gaps: bool = False) -> list[SnapshotInfo]:
-    """The EMA snapshots in a run folder or a folder of snapshots (headers only), sorted by (time, sigma_rel).
-
-    `stds` keeps only the snapshots of those tracked sigma_rels (e.g. one, to reconstruct from a single
-    average per snapshot). Checkpoints, raw weights and earlier reconstructions are skipped. ValueError
-    when there are none, when files come from different networks, when a (time, sigma_rel) appears twice,
-    when a time lacks one of the tracked sigma_rels, or (unless `allow_gaps`) when a snapshot is missing
-    from the series (see the module docstring).
-    """
-    source = Path(source)
-    if not source.is_dir():
-        raise ValueError(f"{source}: not a folder; pass a training run folder or a folder of snapshots")
-    infos = []
-    for path in sorted(source.glob("*.safetensors")):
-        meta = read_metadata(path)
-        if meta.get("kind") != "snapshot" or meta.get("sigma_rel") is None \
-                or (meta.get("info") or {}).get("reconstructed"):
-            continue
-        averaged = meta.get("averaged_names")
-        if not isinstance(meta.get("nimg"), int) or meta["nimg"] <= 0 or not meta.get("parameter_names"):
-            raise ValueError(f"{path}: snapshot metadata lacks a valid time (nimg) or parameter_names")
-        infos.append(SnapshotInfo(path, int(meta["nimg"]), float(meta["sigma_rel"]), meta.get("network"),
-                                  tuple(meta.get("parameter_names") or ()),
-                                  None if averaged is None else tuple(averaged), meta.get("network_class")))
-    if not infos:
-        raise ValueError(f"{source}: holds no EMA snapshots (snapshot-*.safetensors written during training)")
-    if stds is not None:
-        present = sorted({round(i.sigma_rel, 6) for i in infos})
-        wanted = {round(float(s), 6) for s in stds}
-        absent = sorted(wanted - set(present))
-        if absent:
-            raise ValueError(f"{source}: has no snapshots with sigma_rel {absent}; it holds {present}")
-        infos = [i for i in infos if round(i.sigma_rel, 6) in wanted]
-
-    _check_one_network(infos)
-    files: dict[tuple[int, float], Path] = {}
-    for info in infos:
-        key = (info.nimg, round(info.sigma_rel, 6))
-        if key in files:
-            raise ValueError(f"duplicate snapshot time {info.nimg} with sigma_rel {info.sigma_rel}: "
-                             f"{files[key].name} and {info.path.name}; remove one")
-        files[key] = info.path
-    tracked = sorted({s for _, s in files})
-    times = sorted({t for t, _ in files})
-    for t in times:
-        lacking = [s for s in tracked if (t, s) not in files]
-        if lacking:
-            have = [files[(t, s)].name for s in tracked if (t, s) in files]
-            raise ValueError(f"snapshot time {t} lacks sigma_rel {lacking} (it has only {', '.join(have)}) while "
-                             f"the folder tracks {tracked}; every time needs one file per tracked EMA")
-    if not allow_gaps:
-        _check_gaps(times, {t: files[(t, tracked[0])] for t in times})
-    return sorted(infos, key=lambda i: (i.nimg, i.sigma_rel))
-
-
-def _check_one_network(infos: Sequence[SnapshotInfo]) -> None:
-    by_signature: dict[str, SnapshotInfo] = {}
-    for info in infos:
-        by_signature.setdefault(_signature(info), info)
-    if len(by_signature) > 1:
-        a, b = list(by_signature.values())[:2]
-        what = "network configs" if (a.network, a.network_class) != (b.network, b.network_class) \
-            else "parameter names"
-        raise ValueError(f"snapshots from different networks in one folder ({what} differ): {a.path.name} and "
-                         f"{b.path.name}; keep one run's snapshots per folder")
-
-
-def _check_gaps(times: list[int], file_at: Mapping[int, Path]) -> None:
-    gaps = np.diff([0, *times])
-    for k, gap in enumerate(gaps):
-        neighbours = [gaps[j] for j in (k - 1, k + 1) if 0 <= j < len(gaps)]
-        if neighbours and all(gap > GAP_RATIO * n for n in neighbours):
-            start = "time 0" if k == 0 else f"{times[k - 1]} ({file_at[times[k - 1]].name})"
-            raise ValueError(f"snapshots missing between {start} and {times[k]} ({file_at[times[k]].name}): gap "
-                             f"{gap} is over {GAP_RATIO}x the neighbouring gaps {[int(n) for n in neighbours]}; "
-                             "restore the missing files or allow irregular gaps (--allow-gaps)")
 
 
 def _averaged_names(info: SnapshotInfo, names: Sequence[str]) -> set[str]:
@@ -290,74 +193,120 @@ def plan_reconstruction(source: str | Path, targets: Sequence[EMATarget], nimg: 
     return ReconstructionPlan(source, nimg, used, stds, coefs, errors, averaged, names)
 
 
-def _accumulate(outputs: list[dict[str, torch.Tensor]], columns: list[dict[str, int]], name: str,
+def _read_tensors(info: SnapshotInfo) -> dict[str, torch.Tensor]:
+    """The tensors of one snapshot as stored (an official raw snapshot checked against the folder's network)."""
+    if is_official_snapshot(info):
+        return read_official_tensors(info)
+    return load_tensors(info.path, kind="snapshot")[0]
+
+
+def _accumulate(sums: list[dict[str, torch.Tensor]], columns: list[dict[str, int]], name: str,
                 tensor: torch.Tensor, coefs: np.ndarray) -> None:
-    """Add one stored tensor, weighted by each output's coefficient, into every output."""
+    """Add one stored tensor, times each output's coefficient, into every output's sum: the tensor in float32
+    (float64 stays float64), the product rounded, then added, as the official `pj += pi * coefs[i, j]`."""
     if tensor.dtype not in (torch.float32, torch.float64):
         tensor = tensor.to(torch.float32)
-    for out, cols in zip(outputs, columns):
-        out[name].add_(tensor, alpha=float(coefs[cols[name]]))
+    for out, cols in zip(sums, columns):
+        out[name].add_(tensor * float(coefs[cols[name]]))
+
+
+@dataclass
+class _Streamed:
+    """One pass over the snapshots for a batch of outputs: the weighted sums of the averaged tensors (one dict
+    per output), the stored dtypes, and the tensors copied from the latest snapshot used (buffers)."""
+
+    sums: list[dict[str, torch.Tensor]]
+    dtypes: dict[str, torch.dtype]
+    copied: dict[str, torch.Tensor]
+
+
+def _zero_sums(plan: ReconstructionPlan, tensors: dict[str, torch.Tensor], count: int) -> list[dict[str, torch.Tensor]]:
+    """`count` sets of zero sums shaped as the first snapshot's averaged tensors (float32; float64 for float64)."""
+    first = plan.used[0]
+    if not plan.averaged <= set(tensors):
+        raise ValueError(f"{first.path.name}: lacks averaged tensors {sorted(plan.averaged - set(tensors))[:3]}")
+    dtype = {n: torch.float64 if tensors[n].dtype == torch.float64 else torch.float32 for n in plan.averaged}
+    return [{n: torch.zeros(tensors[n].shape, dtype=dtype[n]) for n in plan.averaged} for _ in range(count)]
+
+
+def _stream(plan: ReconstructionPlan, targets: Sequence[EMATarget],
+            step: Callable[[int], None] | None) -> _Streamed:
+    """Read the snapshots of `plan` once, one at a time, into the weighted sums of `targets`."""
+    col = {s: j for j, s in enumerate(plan.stds)}
+    columns = [{n: col[t.std_for(n)] for n in plan.averaged} for t in targets]
+    streamed = _Streamed([], {}, {})
+    shapes: dict[str, tuple[int, ...]] = {}
+    for k, info in enumerate(plan.used):
+        tensors = _read_tensors(info)
+        if k == 0:
+            streamed.dtypes = {n: t.dtype for n, t in tensors.items()}
+            shapes = {n: tuple(t.shape) for n, t in tensors.items()}
+            streamed.sums = _zero_sums(plan, tensors, len(targets))
+        elif {n: tuple(t.shape) for n, t in tensors.items()} != shapes:
+            raise ValueError(f"{info.path.name} and {plan.used[0].path.name} hold different tensors (names or "
+                             "shapes); keep one run's snapshots per folder")
+        for n in plan.averaged:
+            _accumulate(streamed.sums, columns, n, tensors.pop(n), plan.coefs[k])
+        if k == len(plan.used) - 1:  # buffers and other copies: from the latest snapshot used
+            streamed.copied = tensors
+        del tensors
+        if step is not None:
+            step(k + 1)
+    return streamed
+
+
+def _write_output(plan: ReconstructionPlan, target: EMATarget, state: dict[str, torch.Tensor], header: dict,
+                  outdir: Path) -> ReconstructionResult:
+    """Write one reconstruction (in the form of the first snapshot: its network, encoder and info)."""
+    col = {s: j for j, s in enumerate(plan.stds)}
+    errors = {s: plan.errors[col[s]] for s in sorted(set(target.stds()))}
+    info = {**dict(header.get("info") or {}), "reconstructed": True, "profile_error": max(errors.values()),
+            "num_snapshots": len(plan.used), "source_sigma_rels": sorted({i.sigma_rel for i in plan.used})}
+    if target.per_tensor:
+        info["sigma_rel_patterns"] = [list(p) for p in target.per_tensor]
+        info["tensor_sigma_rel"] = {n: target.std_for(n) for n in sorted(plan.averaged)
+                                    if target.std_for(n) != target.sigma_rel}
+        info["profile_errors"] = {f"{s:g}": e for s, e in errors.items()}
+    first = plan.used[0]
+    network = None if first.network is None else network_from_metadata(first.network, first.network_class)
+    path = outdir / target.filename(plan.nimg)
+    save_snapshot(path, Snapshot(state, network, target.sigma_rel, plan.nimg, info, tuple(plan.averaged),
+                                 header.get("encoder")))
+    return ReconstructionResult(path, target.sigma_rel, plan.nimg, max(errors.values()), len(plan.used),
+                                target.per_tensor, errors)
+
+
+def _batches(items: list, size: int | None) -> list[list]:
+    """`items` in consecutive batches of at most `size`, as even as possible (the official split); None: one."""
+    if not items:
+        return []
+    count = 1 if size is None else -(-len(items) // max(int(size), 1))
+    longer = len(items) % count  # numpy's array_split: the first batches take the remainder
+    bounds = [b * (len(items) // count) + min(b, longer) for b in range(count + 1)]
+    return [items[bounds[b]:bounds[b + 1]] for b in range(count)]
 
 
 def execute_reconstruction(plan: ReconstructionPlan, targets: Sequence[EMATarget], outdir: str | Path,
-             progress: Callable[[int, int], None] | None) -> list[ReconstructionResult]:
-    """Stream the snapshots of `plan` once and write one file per target."""
-    col = {s: j for j, s in enumerate(plan.stds)}
-    outputs: list[dict[str, torch.Tensor]] = [{} for _ in targets]
-    columns: list[dict[str, int]] = [{} for _ in targets]
-    dtypes: dict[str, torch.dtype] = {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    copied: dict[str, torch.Tensor] = {}
-    first = plan.used[0]
-    for k, info in enumerate(plan.used):
-        tensors, _ = load_tensors(info.path, kind="snapshot")
-        if k == 0:
-            dtypes = {n: t.dtype for n, t in tensors.items()}
-            shapes = {n: tuple(t.shape) for n, t in tensors.items()}
-            if not plan.averaged <= set(tensors):
-                raise ValueError(f"{info.path.name}: lacks averaged tensors {sorted(plan.averaged - set(tensors))[:3]}")
-            for out, cols, target in zip(outputs, columns, targets):
-                for n in plan.averaged:
-                    acc_dtype = torch.float64 if dtypes[n] == torch.float64 else torch.float32
-                    out[n] = torch.zeros(shapes[n], dtype=acc_dtype)
-                    cols[n] = col[target.std_for(n)]
-        elif {n: tuple(t.shape) for n, t in tensors.items()} != shapes:
-            raise ValueError(f"{info.path.name} and {first.path.name} hold different tensors (names or shapes); "
-                             "keep one run's snapshots per folder")
-        for n in plan.averaged:
-            _accumulate(outputs, columns, n, tensors.pop(n), plan.coefs[k])
-        if k == len(plan.used) - 1:  # buffers and other copies: from the latest snapshot used
-            copied = tensors
-        del tensors
-        if progress is not None:
-            progress(k + 1, len(plan.used))
-
+                           progress: Callable[[int, int], None] | None,
+                           batch: int | None = None) -> list[ReconstructionResult]:
+    """Stream the snapshots of `plan` once per batch of at most `batch` targets (None: all in one pass) and
+    write one file per target, each tensor in its dtype in the first snapshot used. `progress(done, total)`
+    counts the snapshots read over all passes."""
+    groups = _batches(list(targets), batch)
+    total = len(plan.used) * len(groups)
+    header = snapshot_header(plan.used[0])
     outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    first_meta = read_metadata(first.path)
-    base_info = dict(first_meta.get("info") or {})
     results = []
-    for j, target in enumerate(targets):
-        out = outputs[j]
-        state = {n: out[n].to(dtypes[n]) if n in out else copied[n] for n in plan.names}
-        used_stds = sorted(set(target.stds()))
-        errors = {s: plan.errors[col[s]] for s in used_stds}
-        per_tensor_map = {n: target.std_for(n) for n in sorted(plan.averaged)
-                          if target.std_for(n) != target.sigma_rel}
-        info = {**base_info, "reconstructed": True, "profile_error": max(errors.values()),
-                "num_snapshots": len(plan.used), "source_sigma_rels": sorted({i.sigma_rel for i in plan.used})}
-        if target.per_tensor:
-            info["sigma_rel_patterns"] = [list(p) for p in target.per_tensor]
-            info["tensor_sigma_rel"] = per_tensor_map
-            info["profile_errors"] = {f"{s:g}": e for s, e in errors.items()}
-        path = outdir / target.filename(plan.nimg)
-        network = None if first.network is None else network_from_metadata(first.network, first.network_class)
-        save_snapshot(path, Snapshot(state, network, target.sigma_rel, plan.nimg, info, tuple(plan.averaged),
-                                     first_meta.get("encoder")))
-        outputs[j] = {}
-        del state, out
-        results.append(ReconstructionResult(path, target.sigma_rel, plan.nimg, max(errors.values()),
-                                            len(plan.used), target.per_tensor, errors))
+    for g, group in enumerate(groups):
+        offset = g * len(plan.used)
+        step = None if progress is None else (lambda k, offset=offset: progress(offset + k, total))
+        streamed = _stream(plan, group, step)
+        outdir.mkdir(parents=True, exist_ok=True)
+        for j, target in enumerate(group):
+            sums, streamed.sums[j] = streamed.sums[j], {}
+            state = {n: (sums[n] if n in sums else streamed.copied[n]).to(streamed.dtypes[n]) for n in plan.names}
+            results.append(_write_output(plan, target, state, header, outdir))
+            del state, sums
     return results
 
 
@@ -370,21 +319,30 @@ def posthoc_reconstruct(
     max_error: float = DEFAULT_MAX_ERROR,
     allow_gaps: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    batch: int | None = None,
+    skip_existing: bool = False,
 ) -> list[ReconstructionResult]:
     """Reconstruct power-function EMAs from the snapshots in `source` and write one snapshot per request
     into `outdir` (`posthoc-<time>-<sigma_rel>.safetensors`, in the same form as the inputs: with the
-    network config when they have one, so `edm2 generate` reads them).
+    network config when they have one, so `edm2 generate` reads them, and in their dtype).
 
-    `stds`: sigma_rel values or `EMATarget`s (per-tensor lengths). `nimg`: target time, any time from the
-    first to the last snapshot (default: the last); only snapshots up to it are used. `input_stds`: use
-    only the snapshots of these tracked lengths. A request is refused when the least-squares fit of its
-    weighting profile has a relative squared L2 error above `max_error` (the snapshots do not support that
-    length at that time). Snapshots are read one at a time; `progress(done, total)` follows them.
+    `source` holds edm2 snapshot files (float32 or float16) or the official raw snapshots
+    (`network-snapshot-<kimg>-<std>.pkl`). `stds`: sigma_rel values or `EMATarget`s (per-tensor lengths).
+    `nimg`: target time, any time from the first to the last snapshot (default: the last); only snapshots up
+    to it are used. `input_stds`: use only the snapshots of these tracked lengths. A request is refused when
+    the least-squares fit of its weighting profile has a relative squared L2 error above `max_error` (the
+    snapshots do not support that length at that time). Snapshots are read one at a time, once per batch of
+    at most `batch` outputs (None: all outputs in one pass); `progress(done, total)` follows them.
+    `skip_existing` leaves out the outputs whose file exists in `outdir` (the official `--skip`).
     Everything is validated before `outdir` is created.
     """
     targets = [_as_target(s) for s in stds]
+    if batch is not None and batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
     plan = plan_reconstruction(source, targets, nimg, input_stds, max_error, allow_gaps)
-    return execute_reconstruction(plan, targets, outdir, progress)
+    if skip_existing:
+        targets = [t for t in targets if not (Path(outdir) / t.filename(plan.nimg)).is_file()]
+    return execute_reconstruction(plan, targets, outdir, progress, batch)
 
 
 def reconstruction_errors(source: str | Path, stds: Sequence[float], nimg: int | None = None,

@@ -24,6 +24,21 @@ from edm2.runtime import world_info
 
 __all__ = ["PosthocEMA", "TraditionalEMATracker", "EMATrackers"]
 
+SNAPSHOT_DTYPES = (torch.float32, torch.float16)  # what snapshot files may hold; the averages stay as they are
+
+
+def _snapshot_dtype(dtype: torch.dtype) -> torch.dtype:
+    """`dtype` when snapshot files may hold it; ValueError otherwise."""
+    if dtype not in SNAPSHOT_DTYPES:
+        raise ValueError(f"snapshot_dtype must be torch.float32 or torch.float16, got {dtype}")
+    return dtype
+
+
+def _cast(state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The state dict with its floating-point tensors in `dtype` (as the official EDM2 loop writes its snapshots
+    in float16); integer tensors stay."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
 
 class PosthocEMA:
     """Power-function EMAs of a model, saved as snapshots for post-hoc reconstruction.
@@ -34,12 +49,14 @@ class PosthocEMA:
     the parameters at construction (time 0). Every `snapshot_every` time units, the first update past each
     multiple writes one snapshot per sigma_rel into `outdir` (`snapshot-<t>-<sigma_rel>.safetensors`); only
     rank 0 of a distributed job writes. `network` (edm2 models) makes the snapshots usable by
-    `edm2 generate`; `info` is stored in their metadata. Averages are kept in the parameters' dtype.
+    `edm2 generate`; `info` is stored in their metadata. Averages are kept in the parameters' dtype; the
+    snapshot files hold `snapshot_dtype` (float32, or float16 as the official EDM2 runs write them).
     """
 
     def __init__(self, model: torch.nn.Module, outdir: str | Path, stds: Sequence[float] = (0.05, 0.10),
                  snapshot_every: int | None = None, network: NetworkSpec | None = None,
-                 info: Mapping | None = None, rank: int | None = None, encoder: dict | None = None) -> None:
+                 info: Mapping | None = None, rank: int | None = None, encoder: dict | None = None,
+                 snapshot_dtype: torch.dtype = torch.float32) -> None:
         stds = [float(s) for s in stds]
         bad = [s for s in stds if not 0 < s < MAX_SIGMA_REL]
         if not stds or bad:
@@ -60,6 +77,7 @@ class PosthocEMA:
         self.network = network
         self.info = dict(info or {})
         self.encoder = encoder
+        self.snapshot_dtype = _snapshot_dtype(snapshot_dtype)
         self.rank = world_info()[0] if rank is None else int(rank)
         self.t = 0  # time of the last update
 
@@ -98,8 +116,8 @@ class PosthocEMA:
         paths = []
         for std, state in self.state_dicts():
             path = self.outdir / snapshot_filename(self.t, std)
-            save_snapshot(path, Snapshot(state, self.network, std, self.t, self.info, tuple(self.ema.names),
-                                         self.encoder))
+            save_snapshot(path, Snapshot(_cast(state, self.snapshot_dtype), self.network, std, self.t, self.info,
+                                         tuple(self.ema.names), self.encoder))
             paths.append(path)
         return paths
 
@@ -120,12 +138,14 @@ class PosthocEMA:
 class TraditionalEMATracker:
     """The EMA of the EDM release: beta = 0.5^(batch / half-life), the half-life at most `rampup_ratio` times the
     images seen before the step (as the official loop updates it before counting the step's images). Every
-    `snapshot_every` images (and on `save_snapshots`) rank 0 writes the average as a snapshot."""
+    `snapshot_every` images (and on `save_snapshots`) rank 0 writes the average as a snapshot, in
+    `snapshot_dtype` (the official EDM loop writes float32)."""
 
     def __init__(self, model: torch.nn.Module, outdir: str | Path, halflife_Mimg: float,
                  rampup_ratio: float | None = 0.05, snapshot_every: int | None = None,
                  network: NetworkSpec | None = None, info: Mapping | None = None,
-                 rank: int | None = None, encoder: dict | None = None) -> None:
+                 rank: int | None = None, encoder: dict | None = None,
+                 snapshot_dtype: torch.dtype = torch.float32) -> None:
         if not halflife_Mimg >= 0 or (rampup_ratio is not None and not rampup_ratio > 0):
             raise ValueError(f"need an EMA half-life >= 0 and a ramp-up ratio > 0 (or None), got {halflife_Mimg} "
                              f"and {rampup_ratio}")
@@ -137,6 +157,7 @@ class TraditionalEMATracker:
         self.info = {**dict(info or {}), "ema": "traditional", "ema_halflife_Mimg": halflife_Mimg,
                      "ema_rampup_ratio": rampup_ratio}
         self.encoder = encoder
+        self.snapshot_dtype = _snapshot_dtype(snapshot_dtype)
         self.rank = world_info()[0] if rank is None else int(rank)
         self.t = 0
 
@@ -165,8 +186,8 @@ class TraditionalEMATracker:
             return []
         self.outdir.mkdir(parents=True, exist_ok=True)
         path = self.outdir / ema_snapshot_filename(self.t)
-        save_snapshot(path, Snapshot(self.state_dicts()[0][1], self.network, None, self.t, self.info,
-                                     tuple(self.names), self.encoder))
+        save_snapshot(path, Snapshot(_cast(self.state_dicts()[0][1], self.snapshot_dtype), self.network, None,
+                                     self.t, self.info, tuple(self.names), self.encoder))
         return [path]
 
     def state_dict(self) -> dict[str, torch.Tensor]:

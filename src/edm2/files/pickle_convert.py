@@ -25,7 +25,7 @@ from edm2.schedules import VE_SIGMA_MAX, VE_SIGMA_MIN, VP_BETA_D, VP_BETA_MIN, V
 
 __all__ = ["ConvertedNetwork", "OFFICIAL_POSITIONAL", "network_from_record", "convert_network_pickle",
            "snapshot_from_pickle", "convert_pickle", "constructor_kwargs", "load_strict", "encoder_from_record",
-           "loss_from_record", "kimg_to_nimg"]
+           "loss_from_record", "kimg_to_nimg", "time_from_name", "read_network_state"]
 
 
 @dataclass
@@ -79,13 +79,18 @@ def load_strict(net: torch.nn.Module, state: dict[str, torch.Tensor], what: str)
     return {k: v.detach() for k, v in net.state_dict().items()}
 
 
-def network_from_record(record: Record) -> tuple[NetworkSpec, dict[str, torch.Tensor]]:
-    """The spec of the network an official pickle records, and its weights loaded into our network (float32)."""
+def _spec_of(record: Record) -> NetworkSpec:
+    """The spec of the network an official pickle records (its class name and constructor arguments)."""
     kwargs = constructor_kwargs(record, OFFICIAL_POSITIONAL[record.class_name])
     try:
-        spec = network_spec(record.class_name, kwargs)
+        return network_spec(record.class_name, kwargs)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{record.class_name} arguments edm2 does not know: {e}") from None
+
+
+def network_from_record(record: Record) -> tuple[NetworkSpec, dict[str, torch.Tensor]]:
+    """The spec of the network an official pickle records, and its weights loaded into our network (float32)."""
+    spec = _spec_of(record)
     return spec, load_strict(build_network(spec), record.state_dict(), record.class_name)
 
 
@@ -148,7 +153,10 @@ def kimg_to_nimg(kimg: int) -> int:
     return (kimg * 1000 + 999) // 1024 * 1024
 
 
-def _time_from_name(path: Path) -> tuple[int, float | None]:
+def time_from_name(path: str | Path) -> tuple[int, float | None]:
+    """(nimg, sigma_rel) of an official snapshot name: `network-snapshot-<kimg>-<std>.pkl` (EDM2's raw snapshots),
+    `network-snapshot-<kimg>.pkl` (EDM: sigma_rel None); (0, None) for other names."""
+    path = Path(path)
     m = re.fullmatch(r".*-(\d+)-(\d+\.\d+)\.pkl", path.name)
     if m:
         return kimg_to_nimg(int(m.group(1))), float(m.group(2))
@@ -179,12 +187,25 @@ def convert_network_pickle(path: str | Path) -> ConvertedNetwork:
         encoder = encoder_from_record(data.get("encoder"))
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-    nimg, sigma_rel = _time_from_name(path)
+    nimg, sigma_rel = time_from_name(path)
     info = {"converted_from": path.name, "official_class": record.class_name,
             "loss": loss_from_record(data.get("loss_fn")),
             "dataset_kwargs": _jsonable(data.get("dataset_kwargs"))}
     names = tuple(sorted(name for name, _ in _parameter_names(record)))
     return ConvertedNetwork(config, state, names, encoder, info, nimg, sigma_rel)
+
+
+def read_network_state(path: str | Path) -> tuple[NetworkSpec, dict[str, torch.Tensor]]:
+    """The network spec an official pickle records and its recorded tensors (state-dict names, in the recorded
+    dtype: float16 in EDM2's snapshots), without building the network: for streaming many snapshots of one network
+    whose first one was converted (`convert_network_pickle`). No code is run; ValueError naming the file."""
+    path = Path(path)
+    record = _network_record(read_pickle(path), str(path))
+    try:
+        spec = _spec_of(record)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return spec, record.state_dict()
 
 
 def _parameter_names(record: Record, prefix: str = ""):

@@ -38,13 +38,15 @@ def find_checkpoints(outdir: str | Path) -> list[Path]:
 
 # ----------------------------------------------------------------------------------------------------
 # Training state. Keys: `net/<name>` (weights and buffers), `ema/<EMA state key>`, `adam/<param index>/<name>`
-# (step, exp_avg, exp_avg_sq), `scaler/scale` and `scaler/growth_tracker` (fp16 loss scaling only).
+# (step, exp_avg, exp_avg_sq), `scaler/scale` and `scaler/growth_tracker` (fp16 runs only: the dynamic scaler's
+# state, or the constant loss scale of the official recipe with growth tracker 0).
 
 
 def save_training_state(outdir: str | Path, nimg: int, run: dict, net: torch.nn.Module,
                         optimizer: torch.optim.Optimizer, ema_state: dict[str, torch.Tensor] | None = None,
-                        scaler: torch.amp.GradScaler | None = None) -> Path:
-    """Write `checkpoint-<nimg>.safetensors` into `outdir` and keep only the newest KEEP_CHECKPOINTS."""
+                        scaler: torch.amp.GradScaler | None = None, loss_scale: float | None = None) -> Path:
+    """Write `checkpoint-<nimg>.safetensors` into `outdir` and keep only the newest KEEP_CHECKPOINTS. The loss scale
+    is the enabled `scaler`'s, else the constant `loss_scale` of an fp16 run (None: none recorded)."""
     tensors = {f"net/{k}": v for k, v in net.state_dict().items()}
     tensors.update({f"ema/{k}": v for k, v in (ema_state or {}).items()})
     for i, st in optimizer.state_dict()["state"].items():
@@ -53,6 +55,9 @@ def save_training_state(outdir: str | Path, nimg: int, run: dict, net: torch.nn.
         st = scaler.state_dict()
         tensors["scaler/scale"] = torch.tensor(float(st["scale"]), dtype=torch.float64)
         tensors["scaler/growth_tracker"] = torch.tensor(int(st["_growth_tracker"]), dtype=torch.int64)
+    elif loss_scale is not None:
+        tensors["scaler/scale"] = torch.tensor(float(loss_scale), dtype=torch.float64)
+        tensors["scaler/growth_tracker"] = torch.tensor(0, dtype=torch.int64)
     path = Path(outdir) / checkpoint_filename(nimg)
     save_tensors(path, tensors, {"kind": "checkpoint", "nimg": int(nimg), "run": run})
     for old in find_checkpoints(outdir)[:-KEEP_CHECKPOINTS]:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from edm2.data import Encoder, StandardRGBEncoder
-from edm2.generate import SamplingSession, save_seed_pngs
+from edm2.generate import SamplingSession, write_batches
 from edm2.metrics.detectors import Detector
 from edm2.metrics.frechet import frechet_distance_from_stats
 from edm2.metrics.images import ArrayImages, ImageFiles, iterate_batches, open_images
@@ -25,10 +25,11 @@ from edm2.metrics.stats import FeatureStats, MetricStats, Reference
 from edm2.runtime import set_cuda_math, world_info
 from edm2.sampling import SamplerSettings
 
-__all__ = ["decode_to_uint8", "measure_images", "ModelUnderTest", "measure_model", "compare",
-           "seed_repeats", "evaluate_model", "RepeatSummary"]
+__all__ = ["decode_to_uint8", "draw_subset", "OFFICIAL_NUM", "measure_images", "ModelUnderTest", "measure_model",
+           "compare", "seed_repeats", "evaluate_model", "RepeatSummary"]
 
 Progress = Callable[[int, int], None]  # (images measured in this step by all processes, total)
+OFFICIAL_NUM = 50_000  # the images of one evaluation in the paper (calculate_metrics.py --num)
 
 
 def decode_to_uint8(x: torch.Tensor, encoder: Encoder | None) -> torch.Tensor:
@@ -47,23 +48,35 @@ def _finish(stats: dict[str, FeatureStats]) -> dict[str, MetricStats]:
     return {m: s.result() for m, s in stats.items()}
 
 
+def draw_subset(count: int, num: int | None, seed: int = 0, source: str | Path = "the images") -> np.ndarray:
+    """The indices (sorted) of the images to measure among `count`, drawn as the official `calculate_metrics.py`
+    draws them (the `max_size` of its dataset): all when `num` is None or equals `count`, else the first `num` of
+    0..count-1 shuffled by `np.random.RandomState(seed % 2**31)`. ValueError when `count` is less than `num`."""
+    indices = np.arange(count, dtype=np.int64)
+    if num is None:
+        return indices
+    if num > count:
+        raise ValueError(f"{source}: holds {count} images, fewer than the {num} asked for; pass --num {count} "
+                         "(or fewer) to measure a smaller set")
+    if num < count:
+        np.random.RandomState(seed % (1 << 31)).shuffle(indices)
+        indices = np.sort(indices[:num])
+    return indices
+
+
 def measure_images(source: str | Path | ImageFiles | ArrayImages, detectors: dict[str, Detector],
                    batch_size: int = 64, num: int | None = None, seed: int = 0, keep: int = 0, num_workers: int = 2,
                    progress: Progress | None = None) -> tuple[dict[str, MetricStats], tuple[int, int]]:
     """Statistics of the images of a folder, zip, `.npz` or `digits` (or of `open_images`' result; a random
-    subset of `num` when given, drawn as the official script draws it). Returns them and the resolution."""
+    subset of `num` when given, drawn as the official script draws it: `draw_subset`). Returns them and the
+    resolution."""
     if batch_size <= 0:
         raise ValueError(f"--batch must be positive, got {batch_size}")
     images = source if isinstance(source, (ImageFiles, ArrayImages)) else open_images(source)
     for d in detectors.values():
         set_cuda_math(d.device)  # float32 means float32 on CUDA too (no TF32)
     path = getattr(images, "path", source)
-    indices = np.arange(len(images))
-    if num is not None:
-        if num > len(images):
-            raise ValueError(f"{path}: holds {len(images)} images, fewer than the {num} asked for")
-        np.random.RandomState(seed % (1 << 31)).shuffle(indices)
-        indices = np.sort(indices[:num])
+    indices = draw_subset(len(images), num, seed, path)
     if len(indices) < 2:
         raise ValueError(f"{path}: statistics need at least 2 images, found {len(indices)}")
     stats = _new_stats(detectors, keep)
@@ -100,19 +113,16 @@ def measure_model(model: ModelUnderTest, seeds: Sequence[int], detectors: dict[s
                   outdir: str | Path | None = None, progress: Progress | None = None) -> dict[str, MetricStats]:
     """Statistics of the images `model` generates for `seeds` (class drawn from each seed, as in
     `edm2.generate`; the same pixels as `generate_images` makes), measured batch by batch; `outdir` also writes
-    `<seed:06d>.png`."""
-    batches = model.session().batches(seeds)  # checks the request and loads the VAE before anything is written
-    if outdir is not None:
-        Path(outdir).mkdir(parents=True, exist_ok=True)
+    `<seed:06d>.png`. Each batch is measured and dropped: memory does not grow with the number of seeds."""
+    batches = write_batches(model.session(), seeds, outdir)  # checks the request, loads the VAE, then writes
     stats = _new_stats(detectors, keep)
     world = world_info()[1]
     for batch in batches:
-        if outdir is not None:
-            save_seed_pngs(outdir, batch.seeds, batch.pixels)
         for m, d in detectors.items():
             stats[m].update(d(batch.pixels), batch.positions)
         if progress is not None:
             progress(len(batch.seeds) * world, len(seeds))
+        del batch  # one batch alive at a time: dropped before the next is sampled
     return _finish(stats)
 
 

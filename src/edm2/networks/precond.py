@@ -2,10 +2,12 @@
 network: `VPPrecond`, `VEPrecond`, `iDDPMPrecond` and `EDMPrecond`, with the official constructor options,
 `round_sigma`, `sigma_min` and `sigma_max`.
 
-D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x; c_noise(sigma)). Each class takes the official
-keyword arguments of its own, plus `model_type` and the model's arguments as one `model_kwargs` dict;
-`build_network(class_name, kwargs)` takes the official flat keyword arguments (what an official pickle or an
-edm2 snapshot records) and is the one mapping from a class name to a network.
+D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x; c_noise(sigma)). Each class has the official
+signature: its own keyword arguments, `model_type`, and the model's arguments flat (`**model_kwargs`, e.g.
+`EDMPrecond(img_resolution=32, img_channels=3, model_type='SongUNet', embedding_type='positional')`); the
+earlier spelling, the model's arguments as one `model_kwargs=` dict, is still accepted. `build_network(class_name,
+kwargs)` takes the same flat arguments (what an official pickle or an edm2 snapshot records) and is the one
+mapping from a class name to a network.
 
 Like the official code, the preconditioning computes in float32; the model runs in float16 on CUDA when built
 with `use_fp16` (or at the precision set by `set_precision`).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,11 +50,11 @@ class _Preconditioning(torch.nn.Module):
     out_channels_factor = 1  # iDDPM: 2 (learned variance; D uses the first half)
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int, use_fp16: bool, model_type: str,
-                 model_kwargs: Mapping | None, own_kwargs: dict) -> None:
+                 model_kwargs: Mapping, own_kwargs: dict) -> None:
         super().__init__()
         if model_type not in MODEL_TYPES:
             raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
-        model_kwargs = dict(model_kwargs or {})
+        model_kwargs = _flat_model_kwargs(model_kwargs)
         _check_model_kwargs(model_type, model_kwargs)
         self.img_resolution = img_resolution
         self.img_channels = img_channels
@@ -148,7 +151,7 @@ class VPPrecond(_Preconditioning):
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
                  beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN, M: int = 1000,
                  epsilon_t: float = VP_EPSILON_T,
-                 model_type: str = "SongUNet", model_kwargs: Mapping | None = None) -> None:
+                 model_type: str = "SongUNet", **model_kwargs: Any) -> None:
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs,
                          dict(beta_d=beta_d, beta_min=beta_min, M=M, epsilon_t=epsilon_t))
         self.beta_d = beta_d
@@ -174,7 +177,7 @@ class VEPrecond(_Preconditioning):
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
                  sigma_min: float = VE_SIGMA_MIN, sigma_max: float = VE_SIGMA_MAX, model_type: str = "SongUNet",
-                 model_kwargs: Mapping | None = None) -> None:
+                 **model_kwargs: Any) -> None:
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs,
                          dict(sigma_min=sigma_min, sigma_max=sigma_max))
         self.sigma_min = sigma_min
@@ -193,7 +196,7 @@ class iDDPMPrecond(_Preconditioning):  # noqa: N801  (the official name)
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
                  C_1: float = IDDPM_C_1, C_2: float = IDDPM_C_2, M: int = IDDPM_M, model_type: str = "DhariwalUNet",
-                 model_kwargs: Mapping | None = None) -> None:
+                 **model_kwargs: Any) -> None:
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs,
                          dict(C_1=C_1, C_2=C_2, M=M))
         self.C_1 = C_1
@@ -226,7 +229,7 @@ class EDMPrecond(_Preconditioning):
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
                  sigma_min: float = 0, sigma_max: float = float("inf"), sigma_data: float = 0.5,
-                 model_type: str = "DhariwalUNet", model_kwargs: Mapping | None = None) -> None:
+                 model_type: str = "DhariwalUNet", **model_kwargs: Any) -> None:
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs,
                          dict(sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=sigma_data))
         self.sigma_min = sigma_min
@@ -237,6 +240,17 @@ class EDMPrecond(_Preconditioning):
         sd = self.sigma_data
         return (sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt(), 1 / (sd**2 + sigma**2).sqrt(),
                 sigma.log() / 4)
+
+
+def _flat_model_kwargs(model_kwargs: Mapping) -> dict:
+    """The model's arguments, flat: those given flat (the official signature) merged with a `model_kwargs=` dict
+    (the earlier spelling); TypeError when both give the same argument."""
+    flat = dict(model_kwargs)
+    nested = dict(flat.pop("model_kwargs", None) or {})
+    twice = sorted(set(flat) & set(nested))
+    if twice:
+        raise TypeError(f"model argument(s) {twice} given both flat and in model_kwargs; give each once")
+    return {**nested, **flat}
 
 
 def _check_model_kwargs(model_type: str, model_kwargs: Mapping) -> None:

@@ -143,8 +143,8 @@ def network_spec(class_name: str | None, kwargs: Mapping) -> NetworkSpec:
 def build_network(spec: NetworkSpec | str, kwargs: Mapping | None = None) -> torch.nn.Module:
     """The network a spec describes (or official class `spec` with the flat arguments `kwargs`, as an official
     pickle's `init_kwargs` or an edm2 snapshot holds them), freshly initialized. For the four EDM
-    preconditionings, arguments that are not the class's own go to its `model_type`; ValueError names unknown
-    classes and arguments."""
+    preconditionings, arguments that are not the class's own go to its `model_type` (flat, as the official
+    constructors take them); ValueError names unknown classes and arguments."""
     class_name, kwargs = (spec, kwargs or {}) if isinstance(spec, str) else (spec.class_name, spec.kwargs)
     kwargs = dict(kwargs)
     if class_name not in NETWORK_CLASSES:
@@ -156,11 +156,12 @@ def build_network(spec: NetworkSpec | str, kwargs: Mapping | None = None) -> tor
         if unknown:
             raise ValueError(f"unknown argument(s) {unknown} for Precond")
         return Precond(**kwargs)
-    own = {k: kwargs.pop(k) for k in list(kwargs) if k in params and k != "model_kwargs"}
-    missing = [k for k in ("img_resolution", "img_channels") if k not in own]
+    missing = [k for k in ("img_resolution", "img_channels") if k not in kwargs]
     if missing:
         raise ValueError(f"{class_name} needs {' and '.join(missing)}")
-    return cls(**own, model_kwargs=kwargs)
+    if "model_kwargs" in kwargs:
+        raise ValueError(f"{class_name}: a network spec takes the model's arguments flat, not as model_kwargs")
+    return cls(**kwargs)  # the official signature: the model's arguments flat
 
 
 def network_class_name(net: torch.nn.Module) -> str:

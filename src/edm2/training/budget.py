@@ -74,7 +74,8 @@ def measure_costs(run: RunConfig, dataset, device: torch.device, clock, seconds:
 
     def save_checkpoint() -> None:
         ema_state = None if t.ema is None else t.ema.state_dict()
-        save_training_state(scratch, nimg, run.to_dict(), t.net, t.optimizer, ema_state, t.scaler)
+        save_training_state(scratch, nimg, run.to_dict(), t.net, t.optimizer, ema_state, t.scaler,
+                            t.recorded_loss_scale())
 
     snapshot = checkpoint = 0.0  # a run without EMAs writes no snapshot
     if rank == 0:

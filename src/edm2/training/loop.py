@@ -135,7 +135,8 @@ def train(opts: TrainOptions, progress: bool = True, max_steps: int | None = Non
                 stop_code = agree_on_stop(stop_code, device)
                 if rank == 0 and (_crossed(cur_nimg, run.checkpoint, run.batch) or done or stop_code):
                     ema_state = None if t.ema is None else t.ema.state_dict()
-                    save_training_state(outdir, cur_nimg, run.to_dict(), t.net, t.optimizer, ema_state, t.scaler)
+                    save_training_state(outdir, cur_nimg, run.to_dict(), t.net, t.optimizer, ema_state, t.scaler,
+                                        t.recorded_loss_scale())
                 if stop_code and not done:
                     status = "interrupted" if stop_code == STOP_SIGNAL else "paused"
                     log.say(f"{status} at {cur_nimg} images; run the same command again to resume")

@@ -1,111 +1,22 @@
-"""What a user asks of a training run (`TrainOptions`) and the run it resolves to (`RunConfig`): options
-combined with the preset and checked against the dataset, before any file is touched.
-
-Each `TrainOptions` field carries its command-line option (`Option`, in the field's metadata): the library owns
-the names, defaults and help texts, and `edm2 train` (edm2.cli.train) builds its options from them."""
+"""The run a user's options resolve to (`RunConfig`): options (`TrainOptions`, declared once with their
+command-line spelling in `edm2.training.option_table`) combined with the preset and built for the dataset, before
+any file is touched."""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import MISSING, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 from edm2 import runtime
 from edm2.data.encoders import Encoder, encoder_from_dict
 from edm2.data.folder import ImageFolderDataset
 from edm2.data.latent_stats import load_latent_stats
-from edm2.networks import PRECISIONS
-from edm2.networks.spec import NetworkConfig, NetworkSpec
-from edm2.presets import PRESETS, EDMRecipe, Preset, get_preset
+from edm2.networks.spec import EDMNetworkConfig, NetworkConfig, NetworkSpec
+from edm2.presets import PRESETS, SNAPSHOT_DTYPES, EDMRecipe, Preset, edm_train_preset, get_preset, network_at
 from edm2.training import recipes
+from edm2.training.option_table import Option, TrainOptions, option_fields
 
 __all__ = ["Option", "option_fields", "TrainOptions", "RunConfig", "resolve_run", "resolve_encoder"]
-
-
-@dataclass(frozen=True)
-class Option:
-    """How a `TrainOptions` field is given on the command line.
-
-    `kind` is a plain type (str, int, float; bool: a flag), a tuple of choices, or a marker that edm2.cli turns
-    into its parameter type: 'nimg' (an image count such as 2Mi), 'budget' (a time such as 15min), 'floats'
-    (comma-separated numbers, a tuple), 'dir' / 'file' (a path), 'count' (an integer >= 0).
-    `flag` is the spelling when it is not `--` and the field name with dashes (e.g. '--cond/--uncond').
-    `mutable`: RunConfig stores the value under the same name and a resumed run may change it (RunConfig.MUTABLE)."""
-
-    help: str
-    kind: type | str | tuple[str, ...] = str
-    flag: str | None = None
-    mutable: bool = False
-
-    def spelling(self, name: str) -> str:
-        """The option as typed, for the field `name`."""
-        return self.flag or "--" + name.replace("_", "-")
-
-
-def _option(default: Any, help: str, kind: type | str | tuple[str, ...] = str, flag: str | None = None,
-            mutable: bool = False) -> Any:
-    """A `TrainOptions` field with its command-line `Option`; `default` MISSING: a required option."""
-    return field(default=default, metadata={"option": Option(help, kind, flag, mutable)})
-
-
-_PRESET = "[default: preset]"
-_SCHEDULE = "[default: preset, or {} % of a --duration/--budget]"
-
-
-@dataclass
-class TrainOptions:
-    """What the user asks for; None means 'take it from the preset'. Image counts are in images; `preset` may
-    also be a Preset (from Python)."""
-
-    outdir: str = _option(MISSING, "Run folder (resumes if it exists).", "dir")
-    data: str = _option("digits", "Folder or .zip of images or latents (`edm2 dataset`), .npz, or 'digits'.")
-    preset: str | Preset | None = _option(None, "Network and recipe (see `edm2 info`), or 'auto': chosen for the data "
-                                                "and the hardware.  [default: cpu-digits8 for the digits, auto for "
-                                                "other data]")
-    cond: bool = _option(True, "Class-conditional training.", bool, flag="--cond/--uncond")
-    duration: int | None = _option(None, f"Training length in images (e.g. 2Mi); the schedule follows it.  {_PRESET}",
-                                   "nimg", mutable=True)
-    budget: float | None = _option(None, "Train for this long instead (e.g. 15min, 2h): the duration is planned from "
-                                         "the throughput of the first steps.", "budget", mutable=True)  # seconds
-    budget_clock: str = _option("wall", "What --budget counts: elapsed time or this process's CPU time.",
-                                tuple(recipes.CLOCKS))
-    rampup: int | None = _option(None, f"Learning-rate warm-up in images.  {_SCHEDULE.format(0.466)}", "nimg")
-    batch: int | None = _option(None, f"Total batch size.  {_PRESET}", int)
-    batch_gpu: int | None = _option(None, "Micro-batch per process; smaller than the batch accumulates gradients.",
-                                    int, mutable=True)
-    lr: float | None = _option(None, f"Reference learning rate alpha_ref.  {_PRESET}", float)
-    decay: float | None = _option(None, "Learning-rate decay start t_ref, in batches; 0: no decay.  "
-                                        + _SCHEDULE.format(6.68), float)
-    dropout: float | None = _option(None, f"Dropout probability.  {_PRESET}", float)
-    P_mean: float | None = _option(None, f"Mean of ln(sigma) during training.  {_PRESET}", float)
-    P_std: float | None = _option(None, f"Std of ln(sigma) during training.  {_PRESET}", float)
-    status: int | None = _option(None, f"Status interval in images.  {_PRESET}", "nimg", mutable=True)
-    snapshot: int | None = _option(None, f"EMA snapshot interval in images.  {_PRESET}", "nimg", mutable=True)
-    checkpoint: int | None = _option(None, f"Checkpoint interval in images.  {_PRESET}", "nimg", mutable=True)
-    ema_stds: tuple[float, ...] | None = _option(None, "Comma-separated sigma_rel of the tracked EMAs.  [default: "
-                                                       "0.05,0.10; edm-* presets: none]", "floats")
-    seed: int = _option(0, "Random seed.", int)
-    device: str = _option("auto", "cpu, cuda, or auto.")
-    precision: str | None = _option(None, "U-Net precision: fp32, bf16 (autocast, also on CPU) or fp16 (CUDA, "
-                                          "dynamic loss scaling).  [default: fp16 on CUDA for presets with use_fp16, "
-                                          "else fp32]", tuple(PRECISIONS), mutable=True)
-    compile: bool = _option(False, "torch.compile the network (slow start, faster steps).", bool, mutable=True)
-    allow_tf32: bool = _option(False, "TF32 in CUDA convolutions and matrix products (off, as the official code "
-                                      "trains).", bool, mutable=True)
-    augment: float | None = _option(None, f"edm-* presets: augmentation probability, 0 = off.  {_PRESET}", float)
-    ema: float | None = _option(None, f"edm-* presets: traditional EMA half-life in Mimg.  {_PRESET}", float)
-    xflip: bool = _option(False, "Double the dataset with mirrored images.", bool)
-    max_size: int | None = _option(None, "Train on a random subset of this many images.  [default: all]", int)
-    latent_stats: str | None = _option(None, "Latent statistics from `edm2 dataset stats` to standardise latents "
-                                             "with.  [default: the dataset's, else the official sd-vae-ft-mse values]",
-                                       "file")
-    workers: int | None = _option(None, "Data loading processes per training process.  [default: 2 for data on "
-                                        "disk, 0 in memory]", "count", mutable=True)
-
-
-def option_fields() -> tuple[dataclasses.Field, ...]:
-    """The fields of `TrainOptions` in order, each with its `Option` in `metadata['option']`."""
-    return dataclasses.fields(TrainOptions)
 
 
 @dataclass(frozen=True)
@@ -133,6 +44,9 @@ class RunConfig:
     compile: bool = False
     processes: int = 1
     allow_tf32: bool = False
+    loss_scaling: float = 1.0  # constant factor on the loss (official --ls)
+    dynamic_loss_scaling: bool = False  # fp16: torch.amp.GradScaler instead of the official constant factor
+    snapshot_dtype: str = "float32"  # what the EMA snapshot files hold
     provenance: dict = field(default_factory=dict)  # name -> {value, source, rule}: see edm2.training.recipes
     budget: dict | None = None  # the BudgetPlan of a run given a time budget
     edm: EDMRecipe | None = None  # EDM-release runs (edm-* presets): loss, augment, EMA, Adam betas, loss scaling
@@ -169,7 +83,14 @@ class RunConfig:
 
 
 def _preset(opts: TrainOptions, dataset, channels: int, device) -> tuple[Preset, recipes.Setting]:
-    """The preset the run starts from, and its provenance."""
+    """The preset the run starts from, and its provenance: the user's, EDM's train.py defaults for --arch and
+    --precond, or the `--preset auto` choice."""
+    if opts.arch is not None or opts.precond is not None:
+        if opts.preset is not None:
+            raise ValueError("give --preset or --arch/--precond (the EDM (2022) train.py's options), not both")
+        arch, precond = opts.arch or "ddpmpp", opts.precond or "edm"
+        preset = edm_train_preset(arch, precond)
+        return preset, recipes.Setting(preset.name, "user", f"EDM train.py --arch {arch} --precond {precond}")
     if isinstance(opts.preset, Preset):
         return opts.preset, recipes.Setting(opts.preset.name, "user")
     name = opts.preset or ("cpu-digits8" if str(opts.data) == "digits" else "auto")
@@ -218,18 +139,21 @@ def resolve_run(opts: TrainOptions, dataset, world: int | None = None, plan: rec
     raw_encoder = encoder_from_dict(dataset.encoder)
     preset, preset_setting = _preset(opts, dataset, raw_encoder.network_channels(dataset.channels), device)
     encoder = resolve_encoder(opts, dataset, preset)
-    _check_data(opts, dataset, preset, encoder.network_channels(dataset.channels))
+    if opts.cond and not dataset.has_labels:
+        raise ValueError(f"--cond needs labels but dataset {dataset.name} has none; add dataset.json labels "
+                         "or train with --uncond")
     world = runtime.world_info()[1] if world is None else world
-    tr = preset.training
-    batch, batch_gpu = _batches(opts, tr.batch_size, world)
-    precision = runtime.resolve_precision(opts.precision, device, preset.network.use_fp16)
+    batch, batch_gpu = _batches(opts, preset.training.batch_size, world)
     edm = _resolve_edm(preset, opts)
-    net = _network(preset, edm, dataset.num_classes if opts.cond else 0, opts.dropout)
+    net = _network(preset, edm, opts, dataset, encoder.network_channels(dataset.channels))
+    precision = runtime.resolve_precision(opts.precision, device, net.use_fp16)
     duration = _duration(opts, preset, plan, previous)
     if duration.value <= 0:
         raise ValueError(f"--duration must be a positive number of images, got {duration.value}")
-    provenance = {"preset": preset_setting, "duration": duration,
-                  **_plain(opts, preset, preset_setting), **_schedule(opts, preset, duration, batch, previous)}
+    rule = recipes.schedule_rule(opts.schedule, preset.official, opts.budget is not None,
+                                 preset_setting.source == "auto")
+    provenance = {"preset": preset_setting, "duration": duration, **_plain(opts, preset, preset_setting),
+                  **_schedule(opts, preset, rule, duration, batch, previous)}
     value = {k: s.value for k, s in provenance.items()}
     run = RunConfig(
         data=opts.data, dataset=_describe(opts, dataset), preset=preset.name, network=net, batch=batch,
@@ -237,34 +161,37 @@ def resolve_run(opts: TrainOptions, dataset, world: int | None = None, plan: rec
         P_mean=value["P_mean"], P_std=value["P_std"], ema_stds=tuple(value["ema_stds"]), seed=opts.seed,
         duration=int(duration.value), status=value["status"], snapshot=value["snapshot"],
         checkpoint=value["checkpoint"], precision=precision, compile=bool(opts.compile), processes=world,
-        allow_tf32=bool(opts.allow_tf32), provenance={k: s.to_dict() for k, s in provenance.items()},
-        budget=None if plan is None else plan.to_dict(), edm=edm,
-        encoder=encoder if preset.latents else None, workers=_workers(opts, dataset),
+        allow_tf32=bool(opts.allow_tf32), loss_scaling=float(value["loss_scaling"]),
+        dynamic_loss_scaling=bool(opts.dynamic_ls), snapshot_dtype=value["snapshot_dtype"],
+        provenance={k: s.to_dict() for k, s in provenance.items()}, budget=None if plan is None else plan.to_dict(),
+        edm=edm, encoder=encoder if preset.latents else None, workers=_workers(opts, dataset),
     )
     _check(run, provenance)
     return run
 
 
-def _check_data(opts: TrainOptions, dataset, preset: Preset, channels: int) -> None:
-    """The data fits the preset's network: resolution, channels (of the network's space), labels."""
+def _network(preset: Preset, edm: EDMRecipe | None, opts: TrainOptions, dataset, channels: int) -> NetworkSpec:
+    """The preset's network built for the data, as the official code builds it: the dataset's resolution, its
+    `channels` (in the network's space) and label dimension; the options' dropout, width (--channels, --cres) and
+    use_fp16 (--fp16); and (EDM recipe) augment labels (augment_dim 9) exactly when augmenting, as the official
+    train.py. ValueError when the network's levels cannot halve the data's resolution."""
     net = preset.network
-    if dataset.resolution != net.img_resolution or channels != net.img_channels:
-        kind = " latents" if dataset.latents else ""
-        raise ValueError(f"dataset {dataset.name} is {dataset.resolution}x{dataset.resolution}x{channels}{kind} "
-                         f"but preset {preset.name} expects {net.img_resolution}x{net.img_resolution}x"
-                         f"{net.img_channels}; choose a preset that matches the data")
-    if opts.cond and not dataset.has_labels:
-        raise ValueError(f"--cond needs labels but dataset {dataset.name} has none; add dataset.json labels "
-                         "or train with --uncond")
-
-
-def _network(preset: Preset, edm: EDMRecipe | None, label_dim: int, dropout: float | None) -> NetworkSpec:
-    """The preset's network for this data: its label dimension, the dropout asked for, and (EDM recipe) augment
-    labels (augment_dim 9) exactly when augmenting, as the official train.py."""
-    dropout = preset.network.dropout if dropout is None else dropout
-    if edm is None:
-        return preset.network.replace(label_dim=label_dim, dropout=dropout)
-    return preset.network.replace(label_dim=label_dim, dropout=dropout, augment_dim=9 if edm.augment else 0)
+    changes = {"label_dim": dataset.num_classes if opts.cond else 0,
+               "dropout": net.dropout if opts.dropout is None else opts.dropout}
+    if opts.channels is not None:
+        if opts.channels < 1:
+            raise ValueError(f"--channels must be a positive number of channels, got {opts.channels}")
+        changes["model_channels"] = int(opts.channels)
+    if opts.channel_mult is not None:
+        if not opts.channel_mult or min(opts.channel_mult) < 1:
+            raise ValueError(f"--cres must be positive channel multipliers, got {list(opts.channel_mult)}")
+        mult = [int(m) for m in opts.channel_mult]
+        changes["channel_mult"] = mult if isinstance(net, EDMNetworkConfig) else tuple(mult)
+    if opts.fp16 is not None:
+        changes["use_fp16"] = bool(opts.fp16)
+    if edm is not None:
+        changes["augment_dim"] = 9 if edm.augment else 0
+    return network_at(net.replace(**changes), dataset.resolution, channels, f"preset {preset.name}'s network")
 
 
 def _plain(opts: TrainOptions, preset: Preset, preset_setting: recipes.Setting) -> dict[str, recipes.Setting]:
@@ -273,26 +200,29 @@ def _plain(opts: TrainOptions, preset: Preset, preset_setting: recipes.Setting) 
     pick = lambda v, d: recipes.Setting(d, "preset") if v is None else recipes.Setting(v, "user")  # noqa: E731
     plain = {"batch": pick(opts.batch, tr.batch_size), "lr": pick(opts.lr, tr.lr),
              "P_mean": pick(opts.P_mean, tr.P_mean), "P_std": pick(opts.P_std, tr.P_std),
-             "dropout": pick(opts.dropout, preset.network.dropout)}
+             "dropout": pick(opts.dropout, preset.network.dropout), "loss_scaling": pick(opts.ls, tr.loss_scaling),
+             "snapshot_dtype": pick(opts.snapshot_dtype, tr.snapshot_dtype)}
     if opts.dropout is None and preset_setting.source == "auto":
         plain["dropout"] = recipes.Setting(preset.network.dropout, "auto", "the table's choice for the data")
     return plain
 
 
-def _schedule(opts: TrainOptions, preset: Preset, duration: recipes.Setting, batch: int,
+def _schedule(opts: TrainOptions, preset: Preset, rule: recipes.Setting, duration: recipes.Setting, batch: int,
               previous: dict | None) -> dict[str, recipes.Setting]:
-    """Decay start, warm-up, tracked EMA lengths and the intervals (`recipes.resolve_schedule`). The EDM (2022)
-    recipe keeps the official warm-up (10 Mimg), no decay and its own EMA: only its intervals follow the run."""
+    """The schedule rule (`rule`: follow the run or keep the preset's), then the decay start, warm-up, tracked EMA
+    lengths and the intervals (`recipes.resolve_schedule`). The EDM (2022) recipe keeps the official warm-up
+    (10 Mimg), no decay and its own EMA: only its intervals may follow the run."""
     tr = preset.training
     values = {"decay": tr.decay, "rampup": round(tr.rampup_Mimg * 1e6), "ema_stds": tuple(tr.ema_stds),
               "status": tr.status, "snapshot": tr.snapshot, "checkpoint": tr.checkpoint}
     user = {"decay": opts.decay, "rampup": opts.rampup, "ema_stds": opts.ema_stds, "status": opts.status,
             "snapshot": opts.snapshot, "checkpoint": opts.checkpoint}
-    schedule = recipes.resolve_schedule(values, tr.duration, duration, batch, user, (previous or {}).get("provenance"))
+    schedule = recipes.resolve_schedule(values, tr.duration, duration, batch, user, (previous or {}).get("provenance"),
+                                        follow=rule.value == "follow")
     if preset.edm is not None:  # the official EDM recipe: fixed warm-up, no decay, its own EMA
         for name in ("decay", "rampup", "ema_stds"):
             schedule[name] = recipes.Setting(values[name], "preset") if user[name] is None else schedule[name]
-    return schedule
+    return {"schedule": rule, **schedule}
 
 
 def _describe(opts: TrainOptions, dataset) -> dict:
@@ -315,6 +245,10 @@ def _check(run: RunConfig, provenance: dict) -> None:
             raise ValueError(f"--{name} must be a positive number of images, got {getattr(run, name)}")
     if run.lr <= 0 or run.P_std <= 0:
         raise ValueError(f"--lr and --P-std must be positive, got lr={run.lr}, P_std={run.P_std}")
+    if not run.loss_scaling > 0:
+        raise ValueError(f"--ls must be a positive loss scale, got {run.loss_scaling}")
+    if run.snapshot_dtype not in SNAPSHOT_DTYPES:
+        raise ValueError(f"--snapshot-dtype is one of {', '.join(SNAPSHOT_DTYPES)}, got {run.snapshot_dtype!r}")
     if run.decay < 0 or run.rampup_Mimg < 0:
         raise ValueError(f"--decay and --rampup must not be negative, got {run.decay} and {provenance['rampup'].value}")
     rampup = provenance["rampup"]
@@ -329,7 +263,7 @@ def _check(run: RunConfig, provenance: dict) -> None:
 
 
 def _resolve_edm(preset: Preset, opts: TrainOptions) -> EDMRecipe | None:
-    """The EDM recipe of an edm-* preset with the --augment/--ema overrides; None for EDM2 presets."""
+    """The EDM recipe of an edm-* preset with the --augment/--ema/--ls overrides; None for EDM2 presets."""
     if preset.edm is None:
         if opts.augment is not None or opts.ema is not None:
             raise ValueError(f"--augment and --ema belong to the EDM (2022) recipe; preset {preset.name} trains with "
@@ -344,6 +278,8 @@ def _resolve_edm(preset: Preset, opts: TrainOptions) -> EDMRecipe | None:
         if not opts.ema >= 0:
             raise ValueError(f"--ema is a half-life in millions of images (>= 0), got {opts.ema}")
         edm = dataclasses.replace(edm, ema_halflife_Mimg=float(opts.ema))
+    if opts.ls is not None:  # the run's loss scaling (RunConfig.loss_scaling), recorded in the recipe too
+        edm = dataclasses.replace(edm, loss_scaling=float(opts.ls))
     return edm
 
 

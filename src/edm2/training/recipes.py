@@ -10,6 +10,10 @@ The official proportions are those of the EDM2 reference runs (ImageNet-512 XS/S
 - warm-up:      10^7 / 2048 Mi = 0.466 % of the duration.
 
 The ImageNet-64 presets agree on the decay (35000 batches of 2048 over 1024 Mi images is the same 6.68 %).
+
+Which runs follow their duration (`schedule_rule`): those of the CPU presets, of `--preset auto` and of a
+`--budget`, and any run asked to with `--schedule follow`. The official presets (`edm2-img*`, `edm-*`) keep their
+published schedule whatever the duration, as the official code does, unless asked otherwise.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from dataclasses import dataclass
 from edm2.presets import PRESETS, Preset
 
 __all__ = ["DECAY_FRACTION", "RAMPUP_FRACTION", "SNAPSHOTS_PER_RUN", "STATUS_PER_RUN", "CHECKPOINTS_PER_RUN",
-           "SOURCES", "Setting", "derive_schedule", "resolve_schedule", "AutoRow", "AUTO_TABLE", "choose_preset",
-           "RunCosts", "BudgetPlan", "CLOCKS", "budget_clock", "plan_duration", "describe"]
+           "SOURCES", "Setting", "derive_schedule", "resolve_schedule", "schedule_rule", "AutoRow", "AUTO_TABLE",
+           "choose_preset", "RunCosts", "BudgetPlan", "CLOCKS", "budget_clock", "plan_duration", "describe"]
 
 Ki, Mi = 1 << 10, 1 << 20
 
@@ -86,13 +90,32 @@ def derive_schedule(duration: int, batch: int, caps: Mapping[str, int] | None = 
     }
 
 
+def schedule_rule(requested: str | None, official: bool, budget: bool, auto: bool) -> Setting:
+    """Whether the schedule follows the run's duration ('follow') or stays the preset's ('preset'): the user's
+    `--schedule` when `requested`; else 'follow' for a `budget` run or an `auto` preset, 'preset' for an
+    `official` preset (as the official code), 'follow' for the others."""
+    if requested is not None:
+        if requested not in ("follow", "preset"):
+            raise ValueError(f"--schedule is follow or preset, got {requested!r}")
+        return Setting(requested, "user")
+    if budget:
+        return Setting("follow", "budget", "a --budget run's schedule follows its planned duration")
+    if auto:
+        return Setting("follow", "auto", "the schedule of --preset auto follows the run's duration")
+    if official:
+        return Setting("preset", "preset", "an official preset keeps its published schedule whatever the "
+                       "duration, as the official code")
+    return Setting("follow", "preset", "the schedule follows the run's duration in the official proportions")
+
+
 def resolve_schedule(preset_values: Mapping[str, object], preset_duration: int, duration: Setting, batch: int,
-                     user: Mapping[str, object | None],
-                     previous: Mapping[str, Mapping] | None = None) -> dict[str, Setting]:
+                     user: Mapping[str, object | None], previous: Mapping[str, Mapping] | None = None,
+                     follow: bool = True) -> dict[str, Setting]:
     """Each schedule knob (`decay`, `rampup`, `ema_stds`, `status`, `snapshot`, `checkpoint`): the user's value
-    when given; else, when a run is resumed, the value it derived; else derived from `duration` when that is not
-    the preset's own (set by the user or planned from a budget); else the preset's value."""
-    scaled = duration.source != "preset" and duration.value != preset_duration
+    when given; else, when a run is resumed, the value it derived; else, when the schedule may `follow` the run,
+    derived from `duration` when that is not the preset's own (set by the user or planned from a budget); else the
+    preset's value."""
+    scaled = follow and duration.source != "preset" and duration.value != preset_duration
     caps = {k: int(preset_values[k]) for k in ("status", "checkpoint") if k in preset_values}
     derived = derive_schedule(int(duration.value), batch, caps) if scaled else {}
     out = {}

@@ -30,11 +30,15 @@ from edm2.runtime import world_info
 from edm2.training.augment import EDM_AUGMENT_KWARGS, AugmentPipe
 from edm2.training.options import RunConfig
 
-__all__ = ["learning_rate_schedule", "make_adam", "sanitize_gradients", "ADAM_BETAS", "ADAM_EPS", "step_seed",
-           "Trainer", "setup", "train_step"]
+__all__ = ["learning_rate_schedule", "make_adam", "sanitize_gradients", "optimizer_step", "ADAM_BETAS", "ADAM_EPS",
+           "NONFINITE_EDM2", "NONFINITE_EDM", "step_seed", "Trainer", "setup", "train_step"]
 
 ADAM_BETAS = (0.9, 0.99)
 ADAM_EPS = 1e-8
+# What +-Inf gradient entries become before Adam (NaN always becomes 0): the official EDM2 loop zeroes them, the
+# official EDM (2022) loop clamps them to +-1e5.
+NONFINITE_EDM2 = 0.0
+NONFINITE_EDM = 1e5
 
 
 def learning_rate_schedule(cur_nimg: float, batch_size: int, ref_lr: float = 100e-4, ref_batches: float = 70e3,
@@ -57,10 +61,28 @@ def make_adam(params: Iterable[torch.nn.Parameter], lr: float = 0.0, fused: bool
 
 
 @torch.no_grad()
-def sanitize_gradients(params: Iterable[torch.nn.Parameter]) -> None:
-    """Replace NaN and +-Inf gradient entries by 0, in place (one bad batch must not poison Adam)."""
+def sanitize_gradients(params: Iterable[torch.nn.Parameter], inf: float = NONFINITE_EDM2) -> None:
+    """Replace NaN gradient entries by 0 and +-Inf by +-`inf`, in place, as the official loops do before every
+    step (`NONFINITE_EDM2`: 0, `NONFINITE_EDM`: 1e5), so that one bad batch does not poison Adam."""
     for g in [p.grad for p in params if p.grad is not None]:
-        torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+        torch.nan_to_num_(g, nan=0.0, posinf=inf, neginf=-inf)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter],
+                   scaler: torch.amp.GradScaler, inf: float = NONFINITE_EDM2) -> None:
+    """Update the weights from the gradients in `params`, as the official loops do: replace non-finite gradient
+    entries (`sanitize_gradients`) and always step. A constant loss scale stays in the gradients, as in the
+    official code (Adam does not see it but through eps). With dynamic loss scaling (`scaler` enabled: fp16 with
+    --dynamic-ls) the gradients are unscaled first, and the scaler skips a step whose gradients overflowed and
+    adapts its scale."""
+    if scaler.is_enabled():
+        scaler.unscale_(optimizer)
+        sanitize_gradients(params, inf)
+        scaler.step(optimizer)
+        scaler.update()
+        return
+    sanitize_gradients(params, inf)
+    optimizer.step()
 
 
 def step_seed(*keys: int) -> int:
@@ -78,12 +100,17 @@ class Trainer:
     ddp: torch.nn.parallel.DistributedDataParallel | None  # `net` wrapped for several processes, else None
     model: torch.nn.Module  # what the loss calls: `ddp or net`, torch.compile'd with --compile
     optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler  # dynamic loss scaling with fp16, a no-op otherwise
+    scaler: torch.amp.GradScaler  # dynamic loss scaling (fp16 with --dynamic-ls), else a disabled no-op
     loss_fn: EDM2Loss | EDMLoss  # EDM-release runs: VPLoss, VELoss or EDMLoss
     data: BatchStream
     ema: PosthocEMA | EMATrackers | None  # EMAs: rank 0 of a run with an out-dir writes the snapshots
     augment_pipe: AugmentPipe | None = None  # EDM-release runs with --augment > 0
     encoder: Encoder = field(default_factory=StandardRGBEncoder)  # raw items -> the network's space
+
+    def recorded_loss_scale(self) -> float | None:
+        """The constant loss scale an fp16 checkpoint records as `scaler/scale` (the dynamic scaler records its
+        own); None for runs in other precisions."""
+        return self.run.loss_scaling if self.run.precision == "fp16" and not self.scaler.is_enabled() else None
 
 
 def setup(run: RunConfig, dataset, device: torch.device, outdir: str | Path | None = None) -> Trainer:
@@ -100,18 +127,21 @@ def setup(run: RunConfig, dataset, device: torch.device, outdir: str | Path | No
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
     model = ddp or net
-    # fp16: dynamic loss scaling, starting where the official code trains (scale 1); the scale doubles after
-    # 2000 steps without overflow and halves (skipping the step) on one.
-    scaler = torch.amp.GradScaler(device.type, init_scale=1.0, enabled=run.precision == "fp16")
+    # fp16 trains as the official code: a constant loss scale (run.loss_scaling), every step taken. With
+    # --dynamic-ls instead, dynamic loss scaling starting at 1: the scale doubles after 2000 steps without overflow
+    # and halves (skipping the step) on one.
+    scaler = torch.amp.GradScaler(device.type, init_scale=1.0,
+                                  enabled=run.precision == "fp16" and run.dynamic_loss_scaling)
     encoder = run.encoder or StandardRGBEncoder()
     ema = None
     if outdir is not None and rank == 0:
         info = {"preset": run.preset, "dataset": run.dataset, "data": run.data}
-        ema = PosthocEMA(net, outdir, run.ema_stds, snapshot_every=run.snapshot, network=run.network,
-                         rank=rank, info=info, encoder=encoder.to_dict()) if run.ema_stds else None
+        dtype = getattr(torch, run.snapshot_dtype)
+        ema = PosthocEMA(net, outdir, run.ema_stds, snapshot_every=run.snapshot, network=run.network, rank=rank,
+                         info=info, encoder=encoder.to_dict(), snapshot_dtype=dtype) if run.ema_stds else None
         if run.edm is not None:  # the EDM release's traditional EMA, with power EMAs beside it when asked
             traditional = TraditionalEMATracker(net, outdir, run.edm.ema_halflife_Mimg, run.edm.ema_rampup_ratio,
-                                                run.snapshot, run.network, info, rank, encoder.to_dict())
+                                                run.snapshot, run.network, info, rank, encoder.to_dict(), dtype)
             ema = EMATrackers({"traditional": traditional, **({"power": ema} if ema is not None else {})})
     edm = run.edm
     loss_fn = EDM2Loss(P_mean=run.P_mean, P_std=run.P_std, sigma_data=net.sigma_data) if edm is None else \
@@ -157,7 +187,6 @@ def train_step(t: Trainer, cur_nimg: int,
     # The VAE encoder samples each latent from its stored mean and std: from the same generator, after the noise.
     latent_noise = torch.randn(shape, device=t.device, generator=gen) if t.encoder.stochastic else None
     augment = None if t.augment_pipe is None else t.augment_pipe.sample(run.batch, t.device, gen)
-    loss_scaling = 1.0 if run.edm is None else run.edm.loss_scaling
     loss_sum = torch.zeros([], device=t.device)
     for r, (images, labels) in enumerate(micro_batches):
         start = t.data.offsets[r]
@@ -173,10 +202,10 @@ def train_step(t: Trainer, cur_nimg: int,
         with t.ddp.no_sync() if t.ddp is not None and not last else contextlib.nullcontext():
             loss = t.loss_fn(t.model, images, None if labels is None else labels.to(t.device),
                              sigma=sigma[part], noise=noise[part], **extra)
-            t.scaler.scale(loss.sum().mul(loss_scaling / (run.batch // run.processes))).backward()
+            # The official arithmetic: the loss sum times the constant loss scale over this process's share of the
+            # batch (the dynamic scaler, when on, multiplies by its own scale on top).
+            t.scaler.scale(loss.sum().mul(run.loss_scaling / (run.batch // run.processes))).backward()
         loss_sum += loss.detach().sum()
-    t.scaler.unscale_(t.optimizer)  # no-op unless fp16 loss scaling is on
-    sanitize_gradients(t.net.parameters())
-    t.scaler.step(t.optimizer)  # skips the step when fp16 gradients overflowed
-    t.scaler.update()
+    inf = NONFINITE_EDM2 if run.edm is None else NONFINITE_EDM
+    optimizer_step(t.optimizer, list(t.net.parameters()), t.scaler, inf)
     return loss_sum / run.batch, lr
