@@ -18,9 +18,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import edm2.checkpoint as checkpoint
+import edm2.files as checkpoint
 import edm2.files.base as files_base
-from edm2.checkpoint import (
+from edm2.files import (
     Snapshot,
     load_network,
     load_snapshot,
@@ -375,3 +375,16 @@ def test_scratch_folder_lives_beside_the_target_and_goes_away_even_on_error(tmp_
         with checkpoint.scratch_folder(target) as folder:
             raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_of_an_earlier_release_resumes_with_the_values_it_implied(tmp_path):
+    from edm2.files import OPTIONS_FILE, check_run_folder
+
+    identity = {"preset": "cpu-tiny8", "seed": 0, "loss_scaling": 1.0, "snapshot_dtype": "float32"}
+    added = {"loss_scaling": 1.0, "snapshot_dtype": "float32"}
+    (tmp_path / OPTIONS_FILE).write_text(json.dumps({"preset": "cpu-tiny8", "seed": 0}))  # written before both keys
+    assert check_run_folder(tmp_path, identity, added) is True
+    with pytest.raises(ValueError, match="differs in loss_scaling, snapshot_dtype"):
+        check_run_folder(tmp_path, identity)  # without the implied values the keys are missing: another run
+    with pytest.raises(ValueError, match="differs in snapshot_dtype"):
+        check_run_folder(tmp_path, {**identity, "snapshot_dtype": "float16"}, added)

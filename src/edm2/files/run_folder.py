@@ -140,10 +140,11 @@ class RunLock:
         self.release()
 
 
-def check_run_folder(outdir: str | Path, identity: dict) -> bool:
+def check_run_folder(outdir: str | Path, identity: dict, added: dict | None = None) -> bool:
     """Whether `outdir` can hold the run whose identity (options that may not change on resume) is given:
     True when it already holds it (resume), False when it is absent or empty (new run). ValueError when it
-    holds another run, damaged options, or foreign files. Reads only."""
+    holds another run, damaged options, or foreign files. `added`: identity keys that earlier releases did not
+    write, with the value such a run implied. Reads only."""
     outdir = Path(outdir)
     options = outdir / OPTIONS_FILE
     if options.is_file():
@@ -151,6 +152,7 @@ def check_run_folder(outdir: str | Path, identity: dict) -> bool:
             old = json.loads(options.read_text())
         except json.JSONDecodeError:
             raise ValueError(f"{options} is damaged; use a new --outdir") from None
+        old = {**(added or {}), **old}
         diff = sorted(k for k in identity if old.get(k) != identity[k])
         if diff:
             raise ValueError(f"--outdir {outdir} holds a different run (differs in {', '.join(diff)}); "

@@ -56,10 +56,10 @@ def claim_run_folder(outdir: Path, run: RunConfig) -> Iterator[Path | None]:
     verdict: list = [None, None]  # error, checkpoint
     if rank == 0:
         try:
-            check_run_folder(outdir, run.identity())
+            check_run_folder(outdir, run.identity(), run.ADDED)
             outdir.mkdir(parents=True, exist_ok=True)
             lock.acquire()
-            resuming = check_run_folder(outdir, run.identity())  # again: it might have changed before the lock
+            resuming = check_run_folder(outdir, run.identity(), run.ADDED)  # again: it may have changed before the lock
             remove_stale_temps(outdir)
             atomic_write_text(outdir / OPTIONS_FILE, json.dumps(run.to_dict(), indent=2) + "\n")
             checkpoints = find_checkpoints(outdir) if resuming else []

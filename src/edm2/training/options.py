@@ -56,6 +56,8 @@ class RunConfig:
     # Fields that may change between a run and its resumption: the options marked `mutable`, the number of processes
     # (the data stream, the noise and the optimizer state do not depend on it) and the provenance.
     MUTABLE = (*(f.name for f in option_fields() if f.metadata["option"].mutable), "processes", "provenance")
+    # Fields that runs of earlier releases did not record: such a run resumes with the values it implied.
+    ADDED = {"loss_scaling": 1.0, "dynamic_loss_scaling": False, "snapshot_dtype": "float32"}
 
     @property
     def network_class(self) -> str | None:
