@@ -85,42 +85,6 @@ class _DenoisingLoss:
         return self.weight(sigma) * ((D_x.to(y.dtype) - y) ** 2)
 
 
-class EDM2Loss(_DenoisingLoss):
-    """Per-element EDM2 loss  lambda(sigma) / e^u(sigma) * (D(y + n; sigma) - y)^2 + u(sigma), with
-    ln(sigma) ~ N(P_mean, P_std^2) and the EDM weight lambda.
-
-    Calling it returns a tensor shaped like `images`; the training objective is its sum divided by the
-    batch size. The network must accept `(x, sigma, labels, return_logvar=True)`.
-    """
-
-    draw = "randn"
-
-    def __init__(self, P_mean: float = -0.4, P_std: float = 1.0, sigma_data: float = 0.5) -> None:
-        if P_std <= 0 or sigma_data <= 0:
-            raise ValueError(f"P_std and sigma_data must be positive, got P_std={P_std}, sigma_data={sigma_data}")
-        self.P_mean = P_mean
-        self.P_std = P_std
-        self.sigma_data = sigma_data
-
-    def sigma_from_draw(self, rnd: torch.Tensor) -> torch.Tensor:
-        return (rnd * self.P_std + self.P_mean).exp()
-
-    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
-        return edm_loss_weight(sigma, self.sigma_data)
-
-    def __call__(self, net: Callable, images: torch.Tensor, labels: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None, sigma: torch.Tensor | None = None,
-                 noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Loss per element. `sigma` [N,1,1,1] and unit `noise` (shaped like images) are drawn from
-        `generator` unless given (the training loop draws them per global batch)."""
-        return super().__call__(net, images, labels, generator=generator, sigma=sigma, noise=noise)
-
-    def per_element(self, net: Callable, x: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor,
-                    labels: torch.Tensor | None, extra: dict) -> torch.Tensor:
-        denoised, logvar = net(x, sigma, labels, return_logvar=True, **extra)
-        return (self.weight(sigma) / logvar.exp()) * (denoised.to(y.dtype) - y) ** 2 + logvar
-
-
 class VPLoss(_DenoisingLoss):
     """VP loss: sigma = sigma_VP(t), t ~ U(epsilon_t, 1); lambda = 1 / sigma^2."""
 
@@ -180,6 +144,30 @@ class EDMLoss(_DenoisingLoss):
 
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
         return edm_loss_weight(sigma, self.sigma_data)
+
+
+class EDM2Loss(EDMLoss):
+    """Per-element EDM2 loss  lambda(sigma) / e^u(sigma) * (D(y + n; sigma) - y)^2 + u(sigma), with
+    ln(sigma) ~ N(P_mean, P_std^2) and the EDM weight lambda.
+
+    Calling it returns a tensor shaped like `images`; the training objective is its sum divided by the
+    batch size. The network must accept `(x, sigma, labels, return_logvar=True)`.
+    """
+
+    def __init__(self, P_mean: float = -0.4, P_std: float = 1.0, sigma_data: float = 0.5) -> None:
+        super().__init__(P_mean, P_std, sigma_data)  # EDM's noise levels and weight, the EDM2 paper's defaults
+
+    def __call__(self, net: Callable, images: torch.Tensor, labels: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None, sigma: torch.Tensor | None = None,
+                 noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Loss per element. `sigma` [N,1,1,1] and unit `noise` (shaped like images) are drawn from
+        `generator` unless given (the training loop draws them per global batch)."""
+        return super().__call__(net, images, labels, generator=generator, sigma=sigma, noise=noise)
+
+    def per_element(self, net: Callable, x: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor,
+                    labels: torch.Tensor | None, extra: dict) -> torch.Tensor:
+        denoised, logvar = net(x, sigma, labels, return_logvar=True, **extra)
+        return (self.weight(sigma) / logvar.exp()) * (denoised.to(y.dtype) - y) ** 2 + logvar
 
 
 # Official class name -> loss (what training options and official pickles record).
