@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 import edm2.ema.reconstruct as reconstruct
 from edm2.cli import main
-from edm2.cli.ema import parse_official_std_list
+from edm2.cli.params import parse_official_std_list
 from edm2.ema.trackers import PosthocEMA
 from edm2.files import load_tensors, save_tensors
 from edm2.files.pickle_convert import kimg_to_nimg

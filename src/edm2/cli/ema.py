@@ -12,51 +12,6 @@ import click
 from edm2.cli.app import friendly_errors, main
 from edm2.cli.params import NIMG, parse_std_for, parse_std_list
 
-OFFICIAL_MAX_STD = 0.289  # the official list parser's bound on a relative standard deviation
-
-
-def _fill_ellipsis(raw: list[float | None], i: int, option: str) -> list[float]:
-    """The values an official '...' at `raw[i]` stands for: the step of the two numbers before it, repeated up
-    to the number after it (which is not included)."""
-    if i < 2 or raw[i - 2] is None or raw[i - 1] is None:
-        raise ValueError(f"{option}: '...' must follow at least two numbers")
-    if i + 1 >= len(raw) or raw[i + 1] is None:
-        raise ValueError(f"{option}: '...' must be followed by a number")
-    a, b, end = raw[i - 2], raw[i - 1], raw[i + 1]
-    if a == b:
-        raise ValueError(f"{option}: the two numbers before '...' must differ")
-    steps = (end - b) / (b - a) - 1
-    count = round(steps)
-    if count <= 0:
-        raise ValueError(f"{option}: '...' must stand for at least one value")
-    if abs(count - steps) > 1e-4:
-        raise ValueError(f"{option}: '...' must stand for evenly spaced values up to {end:g}")
-    return [b + (b - a) * (j + 1) for j in range(count)]
-
-
-def parse_official_std_list(text: str, option: str = "--outstd") -> list[float]:
-    """The official `reconstruct_phema.py` list of relative standard deviations: comma-separated numbers where
-    '...' continues the step of the two numbers before it up to the one after it ('0.010,0.015,...,0.030' ->
-    0.010, 0.015, 0.020, 0.025, 0.030); the values sorted, each once, and in (0, 0.289)."""
-    try:
-        raw = [None if v.strip() == "..." else float(v) for v in str(text).split(",")]
-    except ValueError:
-        raise ValueError(f"{option} takes comma-separated numbers and '...', got {text!r}") from None
-    values: list[float] = []
-    for i, v in enumerate(raw):
-        values.extend([v] if v is not None else _fill_ellipsis(raw, i, option))
-    values = sorted(set(values))
-    if not all(0 < v < OFFICIAL_MAX_STD for v in values):
-        raise ValueError(f"{option}: every relative standard deviation must lie in (0, {OFFICIAL_MAX_STD})")
-    return values
-
-
-def _std_values(text: str, option: str) -> tuple[list[float], list[float]]:
-    """(values, dropped) of an EMA-length option: the official '...' list, or ours (`parse_std_list`)."""
-    if "..." in str(text):
-        return parse_official_std_list(text, option), []
-    return parse_std_list(text, option)
-
 
 def _posthoc_options(fn):
     """Options shared by `reconstruct` and `ema-sweep`: which snapshots to use and how strictly."""
@@ -100,9 +55,9 @@ def reconstruct(indir, outdir, stds, std_for, outkimg, skip_existing, batch, nim
     from edm2.ema.reconstruct import EMATarget, posthoc_reconstruct
     from edm2.files.pickle_convert import kimg_to_nimg
 
-    values, dropped = _std_values(stds, "--std")
+    values, dropped = parse_std_list(stds, "--std")
     per_tensor = parse_std_for(std_for)
-    inputs = None if from_stds is None else _std_values(from_stds, "--from-std")[0]
+    inputs = None if from_stds is None else parse_std_list(from_stds, "--from-std")[0]
     if outkimg is not None and nimg is not None:
         raise ValueError("give the target time once: --nimg or --outkimg")
     nimg = kimg_to_nimg(outkimg) if outkimg is not None else nimg
@@ -148,8 +103,8 @@ def ema_sweep(run_dir, outdir, stds, samples, steps, judge_path, data, judge_ima
     from edm2.metrics.judge import quality_for_run
     from edm2.runtime import resolve_device
 
-    values, dropped = _std_values(stds, "--std")
-    inputs = None if from_stds is None else _std_values(from_stds, "--from-std")[0]
+    values, dropped = parse_std_list(stds, "--std")
+    inputs = None if from_stds is None else parse_std_list(from_stds, "--from-std")[0]
     if samples < 2 or steps < 1:
         raise ValueError(f"--samples must be >= 2 and --steps >= 1, got {samples} and {steps}")
     _note_dropped(dropped)

@@ -14,8 +14,8 @@ from edm2.ema.power import MAX_SIGMA_REL
 from edm2.sampling import SOLVERS, SamplerSettings
 from edm2.schedules import DISCRETIZATIONS, SCALINGS, SCHEDULES
 
-__all__ = ["UNITS", "parse_nimg", "NIMG", "parse_budget", "BUDGET", "parse_seeds", "parse_floats", "FLOATS",
-           "parse_std_list", "parse_std_for", "sampler_options"]
+__all__ = ["UNITS", "parse_nimg", "NIMG", "parse_budget", "BUDGET", "parse_seeds", "parse_floats", "FLOATS", "INTS",
+           "parse_std_list", "parse_official_std_list", "parse_std_for", "sampler_options"]
 
 UNITS = {"": 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
 
@@ -122,12 +122,74 @@ class FloatList(click.ParamType):
 FLOATS = FloatList()
 
 
+class IntList(click.ParamType):
+    """Comma-separated integers ('1,2,2,2') as a tuple of ints, as a click parameter type."""
+
+    name = "ints"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            values = tuple(int(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            values = ()
+        if not values:
+            self.fail(f"takes comma-separated integers (e.g. 1,2,2,2), got {value!r}", param, ctx)
+        return values
+
+
+INTS = IntList()
+
+
+OFFICIAL_MAX_STD = 0.289  # the official list parser's bound on a relative standard deviation
+
+
+def _fill_ellipsis(raw: list[float | None], i: int, option: str) -> list[float]:
+    """The values an official '...' at `raw[i]` stands for: the step of the two numbers before it, repeated up
+    to the number after it (which is not included)."""
+    if i < 2 or raw[i - 2] is None or raw[i - 1] is None:
+        raise ValueError(f"{option}: '...' must follow at least two numbers")
+    if i + 1 >= len(raw) or raw[i + 1] is None:
+        raise ValueError(f"{option}: '...' must be followed by a number")
+    a, b, end = raw[i - 2], raw[i - 1], raw[i + 1]
+    if a == b:
+        raise ValueError(f"{option}: the two numbers before '...' must differ")
+    steps = (end - b) / (b - a) - 1
+    count = round(steps)
+    if count <= 0:
+        raise ValueError(f"{option}: '...' must stand for at least one value")
+    if abs(count - steps) > 1e-4:
+        raise ValueError(f"{option}: '...' must stand for evenly spaced values up to {end:g}")
+    return [b + (b - a) * (j + 1) for j in range(count)]
+
+
+def parse_official_std_list(text: str, option: str = "--outstd") -> list[float]:
+    """The official `reconstruct_phema.py` list of relative standard deviations: comma-separated numbers where
+    '...' continues the step of the two numbers before it up to the one after it ('0.010,0.015,...,0.030' ->
+    0.010, 0.015, 0.020, 0.025, 0.030); the values sorted, each once, and in (0, 0.289)."""
+    try:
+        raw = [None if v.strip() == "..." else float(v) for v in str(text).split(",")]
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated numbers and '...', got {text!r}") from None
+    values: list[float] = []
+    for i, v in enumerate(raw):
+        values.extend([v] if v is not None else _fill_ellipsis(raw, i, option))
+    values = sorted(set(values))
+    if not all(0 < v < OFFICIAL_MAX_STD for v in values):
+        raise ValueError(f"{option}: every relative standard deviation must lie in (0, {OFFICIAL_MAX_STD})")
+    return values
+
+
 def parse_std_list(text: str, option: str = "--std") -> tuple[list[float], list[float]]:
-    """('0.05,0.1' or the inclusive range 'start:stop:step') -> (values, dropped).
+    """('0.05,0.1', the inclusive range 'start:stop:step', or the official list '0.010,0.015,...,0.250') ->
+    (values, dropped).
 
     A range is a grid over an interval: its points outside (0, 0.2887), the range of power-function EMAs,
     are returned as `dropped`. Values of a comma list are all returned (and checked when used).
     """
+    if "..." in str(text):
+        return parse_official_std_list(text, option), []
     text = str(text).strip()
     if ":" in text:
         parts = text.split(":")

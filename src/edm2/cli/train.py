@@ -16,28 +16,8 @@ from collections.abc import Callable, Sequence
 import click
 
 from edm2.cli.app import friendly_errors, main, one_voice
-from edm2.cli.params import BUDGET, FLOATS, NIMG
+from edm2.cli.params import BUDGET, FLOATS, INTS, NIMG
 from edm2.training.options import Option, TrainOptions, option_fields
-
-
-class IntList(click.ParamType):
-    """Comma-separated integers ('1,2,2,2') as a tuple of ints, as a click parameter type."""
-
-    name = "ints"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
-        try:
-            values = tuple(int(v) for v in str(value).split(",") if v.strip())
-        except ValueError:
-            values = ()
-        if not values:
-            self.fail(f"takes comma-separated integers (e.g. 1,2,2,2), got {value!r}", param, ctx)
-        return values
-
-
-INTS = IntList()
 
 # The click types of the markers of `edm2.training.options.Option.kind`; plain types (str, int, float) stand as
 # they are, tuples are choices and bool is a flag.
