@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -12,6 +13,21 @@ import torch
 DATA = Path(__file__).parent / "data"
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+_CACHE_NUMBER = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def _cache_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("edm2-caches")
+
+
+@pytest.fixture(autouse=True)
+def _no_network(_cache_root, monkeypatch) -> None:
+    """No test reaches the network or the user's cache: downloads are refused (EDM2_OFFLINE=1) and the cache is
+    a fresh folder of its own (not created until used). Tests of downloads undo EDM2_OFFLINE themselves."""
+    monkeypatch.setenv("EDM2_CACHE", str(_cache_root / f"cache-{next(_CACHE_NUMBER)}"))
+    monkeypatch.setenv("EDM2_OFFLINE", "1")
+    monkeypatch.delenv("EDM2_MIRROR", raising=False)
 
 
 def load_golden(name: str) -> dict[str, np.ndarray]:

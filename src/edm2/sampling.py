@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from edm2.guidance import check_guidance, check_interval, guided
 from edm2.schedules import (
     DISCRETIZATIONS,
     IDDPM_C_1,
@@ -74,17 +75,19 @@ def edm_sampler(
     dtype: torch.dtype = torch.float32,
     randn_like: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
     solver: str = "heun",
+    guidance_interval: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Solve the probability-flow ODE from `noise * sigma_max` to sigma = 0.
 
     Heun's 2nd-order method with an Euler last step (2N-1 evaluations), or plain Euler (N evaluations)
     with `solver='euler'`. S_churn > 0 adds the stochastic churn of EDM Algorithm 2 on steps with
-    S_min <= sigma <= S_max. With guidance w != 1 every evaluation is gnet + w (net - gnet).
+    S_min <= sigma <= S_max. With guidance w != 1 every evaluation is gnet + w (net - gnet), or only those with
+    sigma_lo < sigma <= sigma_hi given `guidance_interval=(sigma_lo, sigma_hi)` (`edm2.guidance`).
     """
     check_choice("solver", solver, SOLVERS)
     t_steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, dtype=dtype, device=noise.device)
-    return edm_solve(_guided(net, gnet, guidance, labels, dtype), noise.to(dtype), t_steps, S_churn, S_min, S_max,
-                     S_noise, randn_like, solver)
+    denoise = guided(net, gnet, guidance, labels, dtype, guidance_interval)
+    return edm_solve(denoise, noise.to(dtype), t_steps, S_churn, S_min, S_max, S_noise, randn_like, solver)
 
 
 def edm_solve(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
@@ -109,19 +112,6 @@ def edm_solve(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noi
             d_prime = (x_next - denoise(x_next, t_next)) / t_next
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
     return x_next
-
-
-def _guided(net: Denoiser, gnet: Denoiser | None, guidance: float, labels: torch.Tensor | None,
-            dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """D(x; sigma) of `net`, or gnet + guidance (net - gnet) when guidance != 1, in `dtype`."""
-    if guidance != 1 and gnet is None:
-        raise ValueError(f"guidance={guidance} needs a guide network (gnet)")
-
-    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        Dx = net(x, sigma, labels).to(dtype)
-        return Dx if guidance == 1 else gnet(x, sigma, labels).to(dtype).lerp(Dx, guidance)
-
-    return denoise
 
 
 def _supported_range(net: Denoiser, discretization: str, sigma_min: float | None, sigma_max: float | None,
@@ -162,6 +152,7 @@ def ablation_sampler(
     guidance: float = 1.0,
     dtype: torch.dtype = torch.float64,
     randn_every_step: bool = True,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """The general sampler of EDM Algorithm 1 (the official `ablation_sampler`): solve the ODE of EDM Eq. 4
     for the schedule sigma(t) and scaling s(t), over the time steps of `discretization`, from `latents`
@@ -178,7 +169,7 @@ def ablation_sampler(
     check_choice("solver", solver, SOLVERS)
     if not 0 < alpha <= 1:
         raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
-    denoise = _guided(net, gnet, guidance, class_labels, dtype)
+    denoise = guided(net, gnet, guidance, class_labels, dtype, guidance_interval)
     steps = design_steps(net, num_steps, sigma_min, sigma_max, rho, discretization, schedule, scaling, epsilon_s,
                          C_1, C_2, M, dtype, latents.device)
     return ablation_solve(denoise, latents.to(dtype), steps, solver, alpha, S_churn, S_min, S_max, S_noise,
@@ -256,7 +247,8 @@ class SamplerSettings:
     the EDM release, 32 otherwise), resolved by `for_network` (`time_steps` resolves it too). `discretization`,
     `schedule`, `scaling`, `alpha` (and the table parameters epsilon_s, C_1, C_2, M) choose a point of the EDM
     design space (`ablation_sampler`); the defaults are `edm_sampler`'s. `sigma_min` and `sigma_max` left at
-    None take the discretization's official range (`default_sigma_range`).
+    None take the discretization's official range (`default_sigma_range`). `guidance_interval` (sigma_lo,
+    sigma_hi) limits guidance to the noise levels inside it (`edm2.guidance`).
     """
 
     num_steps: int | None = EDM2_STEPS  # None: `official_steps(net)`, see `for_network`
@@ -277,8 +269,11 @@ class SamplerSettings:
     C_1: float = IDDPM_C_1
     C_2: float = IDDPM_C_2
     M: int = IDDPM_M
+    guidance_interval: tuple[float, float] | None = None  # guide only where sigma_lo < sigma <= sigma_hi
 
     def __post_init__(self) -> None:
+        check_guidance(self.guidance)
+        object.__setattr__(self, "guidance_interval", check_interval(self.guidance_interval))
         for option, value, choices in (("--solver", self.solver, SOLVERS), ("--disc", self.discretization,
                                        DISCRETIZATIONS), ("--schedule", self.schedule, SCHEDULES),
                                        ("--scaling", self.scaling, SCALINGS)):
@@ -350,7 +345,7 @@ class SamplerSettings:
         step. Anything else through `edm_solve` in float32, or `ablation_solve` in float32 with EDM2's churn
         draws when the settings leave the EDM point of the design space."""
         dtype = self.dtype_for(net)
-        denoise = _guided(net, gnet, self.guidance, labels, dtype)
+        denoise = guided(net, gnet, self.guidance, labels, dtype, self.guidance_interval)
         steps = self.time_steps(net, noise.device) if steps is None else steps
         if isinstance(steps, torch.Tensor):
             return edm_solve(denoise, noise.to(dtype), steps, self.S_churn, self.S_min, self.S_max, self.S_noise,

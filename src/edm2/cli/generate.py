@@ -2,20 +2,48 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import click
+from click.core import ParameterSource
 
 from edm2.cli.app import friendly_errors, main, one_voice
 from edm2.cli.params import parse_seeds, sampler_options
+from edm2.sampling import SamplerSettings
+
+
+def published_models(preset: str | None, net_path: str | None, gnet_path: str | None,
+                     settings: SamplerSettings) -> tuple[str, str | None, SamplerSettings, object]:
+    """The network, guide and sampler settings of a command: those of `--preset` (a published model by name, as
+    the official generate_images.py: its networks by URL, guidance weight and interval; a --guidance or
+    --guidance-interval given on the command line wins), or the user's --net/--gnet."""
+    from edm2.published import generation_preset
+
+    if preset is None:
+        if net_path is None:
+            raise ValueError("give --net NETWORK or --preset NAME ('edm2 info --generation' lists the presets)")
+        return net_path, gnet_path, settings, None
+    p = generation_preset(preset)
+    if net_path is not None or gnet_path is not None:
+        raise ValueError(f"--preset {preset} names its networks itself; give --preset or --net/--gnet, not both")
+    ctx = click.get_current_context()
+    chosen = {field: getattr(p, field) for field in ("guidance", "guidance_interval")
+              if ctx.get_parameter_source(field) in (ParameterSource.DEFAULT, None)}
+    return p.net_url, p.gnet_url, dataclasses.replace(settings, **chosen), p
 
 
 @main.command()
-@click.option("--net", "--network", "net_path", required=True, type=click.Path(),
-              help="Snapshot file (.safetensors) or official pickle (.pkl).")
+@click.option("--net", "--network", "net_path", type=click.Path(),
+              help="Snapshot file (.safetensors), official pickle (.pkl), or a URL of either.")
+@click.option("--preset", help="A published model by name, e.g. edm2-img512-s-autog-fid ('edm2 info --generation' "
+                               "lists them): its networks (downloaded once), guidance and EMA, as the official "
+                               "generate_images.py --preset.")
 @click.option("--outdir", type=click.Path(file_okay=False), help="Folder for one PNG per seed.")
 @click.option("--subdirs", is_flag=True, help="One subfolder of --outdir per 1000 seeds (000000, 001000, ...).")
 @click.option("--seeds", default="0-63", show_default=True, help="Seeds, e.g. 0-63 or 1,5,10-20.")
 @click.option("--class", "class_idx", type=int, help="Class for all images.  [default: random per seed]")
-@click.option("--gnet", "gnet_path", type=click.Path(), help="Guide snapshot (e.g. a small unconditional model).")
+@click.option("--gnet", "gnet_path", type=click.Path(),
+              help="Guide snapshot: a small unconditional model, or a smaller, shorter-trained one (autoguidance).")
 @click.option("--batch", "batch_size", type=int, default=64, show_default=True, help="Images per batch.")
 @click.option("--grid", type=click.Path(dir_okay=False),
               help="Also write the first images (at most 64, edm2.generate.GRID_SIZE) as one grid PNG.")
@@ -29,8 +57,8 @@ from edm2.cli.params import parse_seeds, sampler_options
                             "[default: the one the snapshot records]")
 @friendly_errors
 @sampler_options()
-def generate(net_path, outdir, subdirs, seeds, class_idx, gnet_path, batch_size, grid, device, precision, compile_net,
-             allow_tf32, vae, settings) -> None:
+def generate(net_path, preset, outdir, subdirs, seeds, class_idx, gnet_path, batch_size, grid, device, precision,
+             compile_net, allow_tf32, vae, settings) -> None:
     """Generate images from a snapshot; an image depends only on its seed. Latent models are decoded with the
     snapshot's encoder (the VAE). Each batch is written and dropped, so memory does not grow with the number of
     seeds. Under torchrun, the seeds are split over the processes. Networks of the EDM (2022) release sample
@@ -44,6 +72,7 @@ def generate(net_path, outdir, subdirs, seeds, class_idx, gnet_path, batch_size,
 
     if outdir is None and grid is None:
         raise ValueError("nothing to write: give --outdir and/or --grid")
+    net_path, gnet_path, settings, _ = published_models(preset, net_path, gnet_path, settings)
     seed_list = parse_seeds(seeds)
     with one_voice(), distributed(device) as (rank, _):
         device = resolve_device(device)

@@ -177,9 +177,12 @@ def calc(image_path, ref_path, num_images, seed, workers, results_path, metric_l
 
 
 @metrics.command()
-@click.option("--net", "net_path", required=True, type=click.Path(), help="Snapshot (.safetensors or official .pkl).")
+@click.option("--net", "net_path", type=click.Path(), help="Snapshot (.safetensors or official .pkl), or a URL.")
+@click.option("--preset", help="A published model by name ('edm2 info --generation'), as the official "
+                               "generate_images.py --preset; --ref defaults to its dataset's reference statistics.")
 @click.option("--gnet", "gnet_path", type=click.Path(), help="Guide snapshot (for --guidance).")
-@click.option("--ref", "ref_path", required=True, help="Reference statistics (.npz, or the official .pkl/.npz).")
+@click.option("--ref", "ref_path", help="Reference statistics (.npz, or the official .pkl/.npz), or a URL.  "
+                                       "[default with --preset: the official ones of its dataset]")
 @click.option("--seeds", help="Seeds of one evaluation, e.g. 0-49999.  [default: 0-49999]")
 @click.option("--seed", "first_seed", type=int, help="The official spelling: the first seed of --num consecutive "
                                                      "seeds (instead of --seeds).  [default: 0]")
@@ -197,17 +200,22 @@ def calc(image_path, ref_path, num_images, seed, workers, results_path, metric_l
 @_common
 @friendly_errors
 @sampler_options()
-def gen(net_path, gnet_path, ref_path, seeds, first_seed, num_images, repeats, seed_stride, outdir, precision, vae,
-        results_path, metric_list, detector_dir, device, batch_size, settings) -> None:
+def gen(net_path, preset, gnet_path, ref_path, seeds, first_seed, num_images, repeats, seed_stride, outdir, precision,
+        vae, results_path, metric_list, detector_dir, device, batch_size, settings) -> None:
     """FID / FD_DINOv2 of a model's samples, generated in batches straight into the feature networks (each batch
     measured and dropped). Networks of the EDM (2022) release sample with the defaults of its generate.py (18
     steps) unless --steps is given."""
+    from edm2.cli.generate import published_models
     from edm2.data import encoder_from_dict
     from edm2.files import load_network
     from edm2.metrics.measure import ModelUnderTest, evaluate_model, seed_repeats
     from edm2.metrics.stats import load_reference
     from edm2.runtime import distributed, resolve_device, resolve_precision
 
+    net_path, gnet_path, settings, published = published_models(preset, net_path, gnet_path, settings)
+    ref_path = ref_path or (published.ref_url if published is not None else None)
+    if ref_path is None:
+        raise ValueError("give --ref REFERENCE (the dataset's statistics, 'edm2 metrics ref')")
     runs = seed_repeats(_gen_seeds(seeds, first_seed, num_images), repeats, seed_stride)
     with one_voice(), distributed(device) as (rank, _):
         reference = load_reference(ref_path)

@@ -11,11 +11,12 @@ from collections.abc import Callable, Sequence
 import click
 
 from edm2.ema.power import MAX_SIGMA_REL
+from edm2.guidance import parse_interval
 from edm2.sampling import SOLVERS, SamplerSettings
 from edm2.schedules import DISCRETIZATIONS, SCALINGS, SCHEDULES
 
 __all__ = ["UNITS", "parse_nimg", "NIMG", "parse_budget", "BUDGET", "parse_seeds", "parse_floats", "FLOATS", "INTS",
-           "parse_std_list", "parse_official_std_list", "parse_std_for", "sampler_options"]
+           "INTERVAL", "parse_std_list", "parse_official_std_list", "parse_std_for", "sampler_options"]
 
 UNITS = {"": 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
 
@@ -142,6 +143,23 @@ class IntList(click.ParamType):
 INTS = IntList()
 
 
+class SigmaInterval(click.ParamType):
+    """SIGMA_LO,SIGMA_HI: the band of noise levels where guidance applies (`edm2.guidance.parse_interval`)."""
+
+    name = "SIGMA_LO,SIGMA_HI"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, tuple):
+            return value
+        try:
+            return parse_interval(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+INTERVAL = SigmaInterval()
+
+
 OFFICIAL_MAX_STD = 0.289  # the official list parser's bound on a relative standard deviation
 
 
@@ -240,6 +258,8 @@ _SAMPLER_OPTIONS = [
     (("--rho",), "rho", float, "Time-step exponent (EDM Eq. 5)."),
     (("--solver",), "solver", click.Choice(SOLVERS), "ODE solver: heun (2nd order) or euler (1st order)."),
     (("--guidance",), "guidance", float, "Guidance weight w (needs --gnet when not 1)."),
+    (("--guidance-interval",), "guidance_interval", INTERVAL, "Guide only for noise levels SIGMA_LO < sigma <= "
+                                                             "SIGMA_HI, e.g. 0.28,5.42.  [default: every step]"),
     (("--S-churn", "--S_churn"), "S_churn", float, "Stochasticity (EDM Algorithm 2); 0: deterministic."),
     (("--S-min", "--S_min"), "S_min", float, "Churn only for sigma >= S_min."),
     (("--S-max", "--S_max"), "S_max", float, "... and sigma <= S_max."),

@@ -211,12 +211,19 @@ _DATA = {True: "VAE latents: make them with `edm2 dataset encode`", False: "pixe
               "resolution (latents: the latent resolution), as training builds it.  [default: the preset's]")
 @click.option("--channels", type=click.IntRange(min=1), help="... and of this many channels (latents: 4).  "
               "[default: the preset's]")
+@click.option("--generation", is_flag=True, help="List the published models by name (the presets of 'edm2 "
+              "generate --preset'), with the FID / FD_DINOv2 the papers report.")
 @friendly_errors
-def info(preset, resolution, channels) -> None:
+def info(preset, resolution, channels, generation) -> None:
     """Parameters, GFLOPs per evaluation and training hyper-parameters of presets."""
     from edm2.complexity import count_complexity
     from edm2.presets import PRESETS, get_preset, network_at
 
+    if generation:
+        if preset is not None or resolution is not None or channels is not None:
+            raise ValueError("--generation lists the generation presets; give it alone")
+        _list_generation_presets()
+        return
     if preset is None:
         if resolution is not None or channels is not None:
             raise ValueError("--resolution and --channels describe the network of one --preset; name it")
@@ -238,6 +245,19 @@ def info(preset, resolution, channels) -> None:
         click.echo(f"  training.{k:17s} {v}")
     for k, v in (p.edm.to_dict() if p.edm is not None else {}).items():
         click.echo(f"  edm.{k:22s} {v}")
+
+
+def _list_generation_presets() -> None:
+    from edm2.published import GENERATION_PRESETS
+
+    click.echo(f"{'preset':34s} {'reported':>16s} {'guidance':>8s} {'EMA':>6s}  guide / interval")
+    for p in GENERATION_PRESETS.values():
+        metric = "FD_DINOv2" if p.metric == "fd_dinov2" else "FID"
+        guide = "-" if p.gnet is None else p.gnet.removesuffix(".pkl")
+        band = "" if p.guidance_interval is None else f", sigma in ({p.guidance_interval[0]:g}, " \
+            f"{p.guidance_interval[1]:g}]"
+        click.echo(f"{p.name:34s} {metric + ' ' + f'{p.reported:.2f}':>16s} {p.guidance:8.2f} {p.ema:6.3f}  "
+                   f"{guide}{band}")
 
 
 @main.command()

@@ -1,5 +1,6 @@
 """Opening a network file, whatever its kind: an edm2 snapshot, or an official network pickle converted on the
-fly by the code-free reader. One floor above the snapshot and the converter, so neither imports the other back.
+fly by the code-free reader; a URL is downloaded into the cache first (`edm2.files.download`). One floor above the
+snapshot and the converter, so neither imports the other back.
 """
 
 from __future__ import annotations
@@ -9,16 +10,21 @@ from pathlib import Path
 
 import torch
 
+from edm2.files.download import download, is_url
 from edm2.files.pickle_convert import snapshot_from_pickle
-from edm2.files.snapshot import Snapshot, load_snapshot
+from edm2.files.snapshot import Snapshot, load_snapshot, save_snapshot
 
 __all__ = ["load_network"]
 
 
 def load_network(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Snapshot]:
     """Rebuild the network stored in a snapshot file, in eval mode. An official network pickle (`.pkl`) is
-    converted on the fly, without running its code (`edm2.files.pickle_convert`), with a warning."""
-    if Path(path).suffix.lower() == ".pkl":
+    converted on the fly, without running its code (`edm2.files.pickle_convert`), with a warning. A URL is
+    downloaded once into the cache (`edm2.files.download`); an official pickle from a URL is converted once, its
+    snapshot cached beside it (`<name>.safetensors`) and read from there afterwards."""
+    if is_url(path):
+        path = _cached_snapshot(download(str(path)))
+    elif Path(path).suffix.lower() == ".pkl":
         snap = snapshot_from_pickle(path)
         warnings.warn(f"{path}: an official pickle, converted on the fly (no code is run); convert it once with "
                       "'edm2 convert' to skip this", stacklevel=2)
@@ -28,3 +34,15 @@ def load_network(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         return snap.build(device), snap
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+
+
+def _cached_snapshot(file: Path) -> Path:
+    """The snapshot of a downloaded network file: the file itself, or for an official pickle its conversion
+    beside it in the cache (made now when absent or older than the pickle)."""
+    if file.suffix.lower() != ".pkl":
+        return file
+    converted = file.with_suffix(".safetensors")
+    if not converted.is_file() or converted.stat().st_mtime < file.stat().st_mtime:
+        save_snapshot(converted, snapshot_from_pickle(file))
+        warnings.warn(f"{file}: an official pickle, converted once (no code is run) into {converted}", stacklevel=3)
+    return converted

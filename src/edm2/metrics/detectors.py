@@ -3,7 +3,8 @@
 `fid`: Inception-v3 of TensorFlow's 2015-12-05 release (2048 features); `fd_dinov2`: DINOv2 ViT-L/14 (1024
 features). Weights come from a folder the user names (`--detector-dir`, or the environment variable
 EDM2_DETECTOR_DIR): the published files as they are (read with `torch.load(weights_only=True)`, which runs no
-code) or the same tensors as `.safetensors`. Nothing is downloaded.
+code) or the same tensors as `.safetensors`. Without such a folder, or when it lacks the file, the published file
+is downloaded once into the download cache (`edm2.files.download`; EDM2_OFFLINE=1 forbids it).
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from pathlib import Path
 
 import torch
 
+from edm2.files.download import download
 from edm2.metrics.dinov2 import DinoVisionTransformer
 from edm2.metrics.inception import InceptionV3
 
 __all__ = ["DETECTOR_DIR_ENV", "DetectorSpec", "DETECTORS", "METRICS", "Detector", "detector_dir",
-           "find_weights", "read_weights", "load_detector"]
+           "find_weights", "weights_file", "read_weights", "load_detector"]
 
 DETECTOR_DIR_ENV = "EDM2_DETECTOR_DIR"
 
@@ -75,6 +77,22 @@ def find_weights(metric: str, folder: Path) -> Path:
     raise ValueError(f"{metric} needs {spec.filename} in {folder}; it is published at {spec.url}")
 
 
+def weights_file(metric: str, folder: str | Path | None = None) -> Path:
+    """The weight file of `metric`: in `folder` (else $EDM2_DETECTOR_DIR) when it holds it, otherwise the
+    published file from the download cache (downloaded once). A named folder that does not exist is an error."""
+    named = folder or os.environ.get(DETECTOR_DIR_ENV)
+    try:
+        return find_weights(metric, detector_dir(named))
+    except ValueError as e:
+        if named and not Path(named).is_dir():
+            raise
+        missing = str(e)
+    try:
+        return download(DETECTORS[metric].url)
+    except ValueError as e:
+        raise ValueError(f"{missing}; downloading it failed too: {e}") from None
+
+
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a weight file, without running code: safetensors, or torch.load(weights_only=True)."""
     try:
@@ -115,11 +133,12 @@ class Detector:
 
 
 def load_detector(metric: str, folder: str | Path | None = None, device: torch.device | str = "cpu") -> Detector:
-    """The feature network of `metric` ('fid' or 'fd_dinov2') with its weights from `folder` (strict names)."""
+    """The feature network of `metric` ('fid' or 'fd_dinov2') with its weights from `folder` or the download
+    cache (`weights_file`; strict names)."""
     if metric not in DETECTORS:
         raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     spec = DETECTORS[metric]
-    path = find_weights(metric, detector_dir(folder))
+    path = weights_file(metric, folder)
     state = read_weights(path)
     try:
         net = spec.build(state)

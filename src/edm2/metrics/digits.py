@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from edm2.metrics.frechet import frechet_distance
+from edm2.sampling import SamplerSettings
 
 __all__ = ["DigitsJudge", "JudgeReport", "DigitsQuality", "class_samples"]
 
@@ -83,16 +84,18 @@ class DigitsQuality:
 
 
 def class_samples(net: torch.nn.Module, num_samples: int, num_steps: int, device: str = "cpu",
-                  batch: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
+                  batch: int | None = None, gnet: torch.nn.Module | None = None,
+                  settings: SamplerSettings | None = None) -> tuple[torch.Tensor, np.ndarray]:
     """(images on the CPU, classes) of seeds 0..num_samples-1, seed i of class i mod `net.label_dim`, sampled
-    with `num_steps` Heun steps in batches of `batch` (None: one batch): what the judges measure."""
+    with `num_steps` Heun steps (or `settings`, e.g. with guidance by `gnet`) in batches of `batch` (None: one
+    batch): what the judges measure."""
     from edm2.generate import sample_batch
-    from edm2.sampling import SamplerSettings
 
     seeds = list(range(num_samples))
     classes = [s % net.label_dim for s in seeds]
     batch = batch or max(1, num_samples)
-    parts = [sample_batch(net, seeds[i:i + batch], class_idx=classes[i:i + batch],
-                          settings=SamplerSettings(num_steps=num_steps), device=device)[0].cpu()
+    settings = settings or SamplerSettings(num_steps=num_steps)
+    parts = [sample_batch(net, seeds[i:i + batch], class_idx=classes[i:i + batch], gnet=gnet, settings=settings,
+                          device=device)[0].cpu()
              for i in range(0, num_samples, batch)]
     return torch.cat(parts), np.array(classes)

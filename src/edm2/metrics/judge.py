@@ -22,7 +22,8 @@ from edm2.files import load_tensors, save_tensors
 from edm2.metrics.digits import JudgeReport, class_samples
 from edm2.metrics.frechet import frechet_distance
 
-__all__ = ["JudgeNet", "Judge", "train_judge", "JudgeQuality", "quality_for_run", "FEATURES", "JUDGE_FILE"]
+__all__ = ["JudgeNet", "Judge", "train_judge", "JudgeQuality", "quality_for_run", "pick_judge", "FEATURES",
+           "JUDGE_FILE"]
 
 FEATURES = 128
 WIDTHS = (16, 32)
@@ -176,37 +177,50 @@ def quality_for_run(source: str | Path, num_samples: int, num_steps: int, device
                     judge_path: str | Path | None = None, data: str | None = None, judge_images: int = 60_000,
                     echo: Callable[[str], None] | None = None) -> tuple[Callable[[Path], dict[str, float]], str]:
     """The sweep metric for the class-conditional model whose snapshots are in `source`, and a title for its plot:
-    the digits judge for a digits model (unless `judge_path` is given), else the judge in `judge_path`, else
-    `source/judge.safetensors`, trained there on first use (`judge_images` training images) on `data` (default:
-    the dataset the run trained on)."""
-    from edm2.data import open_dataset
+    the judge of `pick_judge` (kept as `source/judge.safetensors` when trained here)."""
     from edm2.ema.reconstruct import scan_snapshots
     from edm2.files import read_metadata
     from edm2.metrics.digits import DigitsJudge, DigitsQuality
 
     meta = read_metadata(scan_snapshots(source, allow_gaps=True)[0].path)
-    net, info = meta.get("network") or {}, meta.get("info") or {}
-    shape = (net.get("img_resolution"), net.get("img_channels"), net.get("label_dim"))
+    judge, name = pick_judge(meta.get("network") or {}, meta.get("info") or {}, Path(source), judge_path, data,
+                             judge_images, echo)
+    if isinstance(judge, DigitsJudge):
+        return DigitsQuality(judge, num_samples, num_steps, device), name
+    return JudgeQuality(judge, num_samples, num_steps, device), name
+
+
+def pick_judge(network: dict, info: dict, store: Path, judge_path: str | Path | None = None, data: str | None = None,
+               judge_images: int = 60_000, echo: Callable[[str], None] | None = None) -> tuple[object, str]:
+    """The judge of a class-conditional model (`network`, `info`: its snapshot metadata) and the data's name: the
+    digits judge for a digits model (unless `judge_path` is given), else the judge in `judge_path`, else
+    `store/judge.safetensors`, trained there on first use (`judge_images` training images) on `data` (default:
+    the dataset the model trained on)."""
+    from edm2.data import open_dataset
+    from edm2.metrics.digits import DigitsJudge
+
+    shape = (network.get("img_resolution"), network.get("img_channels"), network.get("label_dim"))
     if not shape[2]:
-        raise ValueError(f"{source}: the model is unconditional; ema-sweep judges class-conditional models by class "
+        raise ValueError(f"{store}: the model is unconditional; the judge measures class-conditional models by class "
                          "accuracy and Frechet distance")
-    if judge_path is None and data is None and (info.get("dataset") or {}).get("name") == "digits" \
-            and shape == (8, 1, 10):
-        return DigitsQuality(DigitsJudge(), num_samples, num_steps, device), "digits"
-    path = Path(judge_path) if judge_path is not None else Path(source) / JUDGE_FILE
+    name = (info.get("dataset") or {}).get("name", str(store))
+    if judge_path is None and data is None and name == "digits" and shape == (8, 1, 10):
+        return DigitsJudge(), "digits"
+    path = Path(judge_path) if judge_path is not None else store / JUDGE_FILE
     if not path.exists():
         if judge_path is not None:
             raise ValueError(f"--judge {judge_path}: no such file; train one with `edm2 judge train`")
         data = data or info.get("data")
         if not data or (data != "digits" and not Path(data).exists()):
-            raise ValueError(f"{source}: the run's dataset {data!r} is not reachable from here; pass --data PATH or "
+            raise ValueError(f"{store}: the model's dataset {data!r} is not reachable from here; pass --data PATH or "
                              "--judge FILE")
         if echo is not None:
             echo(f"training a judge on {data} (once; stored as {path}) ...")
         judge = train_judge(open_dataset(data), images=judge_images)
+        path.parent.mkdir(parents=True, exist_ok=True)
         judge.save(path)
     else:
         judge = Judge.load(path)
     if echo is not None:
         echo(f"judge {path}: held-out real accuracy {100 * judge.real_accuracy:.1f} %")
-    return JudgeQuality(judge, num_samples, num_steps, device), (info.get("dataset") or {}).get("name", str(source))
+    return judge, name

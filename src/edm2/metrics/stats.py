@@ -6,7 +6,8 @@ the batching or the number of processes) can be kept for precision and recall.
 
 Reference files: ours are `.npz` with `<metric>/mu`, `<metric>/sigma`, optionally `<metric>/features`, plus
 `num_images` and `resolution`; the official EDM2 `dataset-refs/*.pkl` (a pickled dict {metric: {'mu', 'sigma'}},
-read with the code-free reader, numpy arrays only) and EDM's `fid-refs/*.npz` (`mu`, `sigma`: FID) are read too.
+read with the code-free reader, numpy arrays only) and EDM's `fid-refs/*.npz` (`mu`, `sigma`: FID) are read too,
+from a path or a URL (downloaded once into the cache).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from edm2.files import atomic_output
+from edm2.files.download import download, is_url
 from edm2.files.pickles import ALLOW_NUMPY, read_pickle
 from edm2.runtime import world_info
 
@@ -129,7 +131,12 @@ def save_reference(path: str | Path, stats: dict[str, MetricStats], resolution: 
 
 
 def load_reference(path: str | Path) -> Reference:
-    """Read reference statistics (ours, the official EDM2 .pkl, or EDM's .npz); ValueError for anything else."""
+    """Read reference statistics (ours, the official EDM2 .pkl, or EDM's .npz); ValueError for anything else. A
+    URL is downloaded once into the cache (`edm2.files.download`) and read from there."""
+    if is_url(path):
+        reference = load_reference(download(str(path)))
+        reference.source = str(path)
+        return reference
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"reference statistics {path}: no such file")

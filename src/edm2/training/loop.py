@@ -107,7 +107,7 @@ def train(opts: TrainOptions, progress: bool = True, max_steps: int | None = Non
     device = resolve_device(opts.device)
     with claim_run_folder(outdir, run) as checkpoint:
         set_cuda_math(device, run.allow_tf32)
-        t = setup(run, dataset, device, outdir)
+        t = setup(run, dataset, device, outdir, fresh=checkpoint is None)
         cur_nimg = 0 if checkpoint is None else load_training_state(checkpoint, t.net, t.optimizer, t.ema, t.scaler)
         recipe = [f"recipe: {line}" for line in describe(run.provenance)]
         if progress and rank == 0 and recipe:

@@ -61,6 +61,9 @@ class TrainOptions:
     preset: str | Preset | None = _option(None, "Network and recipe (see `edm2 info`), or 'auto': chosen for the data "
                                                 "and the hardware.  [default: cpu-digits8 for the digits, auto for "
                                                 "other data]")
+    transfer: str | None = _option(None, "Fine-tune: start from this network's weights (a snapshot, an official .pkl, "
+                                         "a URL, or a published model such as edm2-img512-xs-fid). Its network is "
+                                         "trained (with --preset or network options: they must build the same).")
     arch: str | None = _option(None, "EDM (2022) train.py's network, instead of --preset: its defaults (the CIFAR-10 "
                                      "recipe) with this architecture.  [default: ddpmpp with --precond]",
                                tuple(EDM_ARCHS))

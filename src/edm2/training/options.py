@@ -15,6 +15,7 @@ from edm2.networks.spec import EDMNetworkConfig, NetworkConfig, NetworkSpec
 from edm2.presets import PRESETS, SNAPSHOT_DTYPES, EDMRecipe, Preset, edm_train_preset, get_preset, network_at
 from edm2.training import recipes
 from edm2.training.option_table import Option, TrainOptions, option_fields
+from edm2.training.transfer import transfer_network
 
 __all__ = ["Option", "option_fields", "TrainOptions", "RunConfig", "resolve_run", "resolve_encoder"]
 
@@ -52,12 +53,13 @@ class RunConfig:
     edm: EDMRecipe | None = None  # EDM-release runs (edm-* presets): loss, augment, EMA, Adam betas, loss scaling
     encoder: Encoder | None = None  # how data maps to the network's space; None: StandardRGBEncoder (pixels)
     workers: int = 0  # DataLoader worker processes per training process
+    transfer: str | None = None  # --transfer: the network the run started from (fine-tuning)
 
     # Fields that may change between a run and its resumption: the options marked `mutable`, the number of processes
     # (the data stream, the noise and the optimizer state do not depend on it) and the provenance.
     MUTABLE = (*(f.name for f in option_fields() if f.metadata["option"].mutable), "processes", "provenance")
     # Fields that runs of earlier releases did not record: such a run resumes with the values it implied.
-    ADDED = {"loss_scaling": 1.0, "dynamic_loss_scaling": False, "snapshot_dtype": "float32"}
+    ADDED = {"loss_scaling": 1.0, "dynamic_loss_scaling": False, "snapshot_dtype": "float32", "transfer": None}
 
     @property
     def network_class(self) -> str | None:
@@ -148,6 +150,9 @@ def resolve_run(opts: TrainOptions, dataset, world: int | None = None, plan: rec
     batch, batch_gpu = _batches(opts, preset.training.batch_size, world)
     edm = _resolve_edm(preset, opts)
     net = _network(preset, edm, opts, dataset, encoder.network_channels(dataset.channels))
+    if opts.transfer is not None:
+        own = (opts.preset, opts.channels, opts.channel_mult, opts.arch, opts.precond) == (None,) * 5
+        net = transfer_network(opts.transfer, net, encoder.to_dict(), opts.dropout, opts.fp16, take_from_source=own)
     precision = runtime.resolve_precision(opts.precision, device, net.use_fp16)
     duration = _duration(opts, preset, plan, previous)
     if duration.value <= 0:
@@ -167,6 +172,7 @@ def resolve_run(opts: TrainOptions, dataset, world: int | None = None, plan: rec
         dynamic_loss_scaling=bool(opts.dynamic_ls), snapshot_dtype=value["snapshot_dtype"],
         provenance={k: s.to_dict() for k, s in provenance.items()}, budget=None if plan is None else plan.to_dict(),
         edm=edm, encoder=encoder if preset.latents else None, workers=_workers(opts, dataset),
+        transfer=opts.transfer,
     )
     _check(run, provenance)
     return run

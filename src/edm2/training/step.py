@@ -29,6 +29,7 @@ from edm2.networks import build_network
 from edm2.runtime import world_info
 from edm2.training.augment import EDM_AUGMENT_KWARGS, AugmentPipe
 from edm2.training.options import RunConfig
+from edm2.training.transfer import load_transfer_weights
 
 __all__ = ["learning_rate_schedule", "make_adam", "sanitize_gradients", "optimizer_step", "ADAM_BETAS", "ADAM_EPS",
            "NONFINITE_EDM2", "NONFINITE_EDM", "step_seed", "Trainer", "setup", "train_step"]
@@ -113,12 +114,16 @@ class Trainer:
         return self.run.loss_scaling if self.run.precision == "fp16" and not self.scaler.is_enabled() else None
 
 
-def setup(run: RunConfig, dataset, device: torch.device, outdir: str | Path | None = None) -> Trainer:
-    """Build the network (its weights fixed by the run's seed), optimizer, loss scaler, loss, encoder, data stream
-    and, with an `outdir` on rank 0, the EMA tracker. `dataset`: what `edm2.data.open_dataset` returns."""
+def setup(run: RunConfig, dataset, device: torch.device, outdir: str | Path | None = None,
+          fresh: bool = True) -> Trainer:
+    """Build the network (its weights fixed by the run's seed, or those of `run.transfer` for a `fresh` run, one
+    that does not resume), optimizer, loss scaler, loss, encoder, data stream and, with an `outdir` on rank 0, the
+    EMA tracker (starting from the network's weights). `dataset`: what `edm2.data.open_dataset` returns."""
     rank, world = world_info()
     torch.manual_seed(run.seed)
     net = build_network(run.network)
+    if run.transfer is not None and fresh:
+        load_transfer_weights(net, run.transfer)
     net = net.train().requires_grad_(True).set_precision(run.precision)
     # channels_last pays with low-precision convolutions (oneDNN/AMX on CPU, tensor cores on CUDA), not in
     # float32 on CPU (docs/benchmarks.md).
