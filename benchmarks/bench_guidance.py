@@ -3,6 +3,7 @@ model; and the 2D toy's exact log-likelihood per method. Prints one JSON documen
 
     python benchmarks/bench_guidance.py [--workdir DIR] [--main-kimg 64] [--samples 1000] [--steps 32]
                                         [--weights 1,1.25,1.5,2,2.5,3] [--interval 0.3,3] [--no-toy]
+                                        [--toy-steps N] [--toy-interval 0,0.5]
 
 Digits (8x8, 10 classes, the built-in data): the main model is `cpu-digits8` trained for --main-kimg thousand
 images (Ki); the classifier-free guide is the same recipe at 16 channels, unconditional, trained as long; the
@@ -101,11 +102,23 @@ def plot_digits(study: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def toy_study(workdir: Path) -> dict:
-    """The 2D toy: train its models, sample each method, exact log-likelihood of the samples; the figure."""
-    from edm2.toy import run_toy_study
+def toy_study(workdir: Path, toy_steps: int | None, interval: tuple[float, float]) -> dict:
+    """The 2D toy: train its three models (unless done), sample each method with and without a guidance interval,
+    exact mean log-likelihood of the samples under the true class density; the figures."""
+    from edm2.toy.experiment import DEFAULT_GUIDANCE, MODEL_FILES, load_models, plot_run, train_models
 
-    return run_toy_study(workdir / "toy")
+    rundir = workdir / "toy"
+    start = time.perf_counter()
+    if not all((rundir / f).is_file() for f in MODEL_FILES.values()):
+        log("training the toy models ...")
+        train_models(rundir, steps=toy_steps)
+    trained = time.perf_counter() - start
+    models = load_models(rundir)
+    plain = plot_run(models, rundir / "toy.png", DEFAULT_GUIDANCE, results_json=rundir / "toy_results.json")
+    banded = plot_run(models, rundir / "toy_interval.png", DEFAULT_GUIDANCE, interval=interval)
+    return {"train_seconds": trained, "guidance": DEFAULT_GUIDANCE, "log_likelihood": plain,
+            "log_likelihood_with_interval": {"interval": interval, **banded},
+            "figures": [str(rundir / "toy.png"), str(rundir / "toy_interval.png")]}
 
 
 def main() -> None:
@@ -117,6 +130,8 @@ def main() -> None:
     parser.add_argument("--weights", default="1,1.25,1.5,2,2.5,3")
     parser.add_argument("--interval", default="0.3,3")
     parser.add_argument("--no-toy", action="store_true")
+    parser.add_argument("--toy-steps", type=int, help="toy training steps (default: edm2 toy train's)")
+    parser.add_argument("--toy-interval", default="0,0.5", help="the toy's guidance interval")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -127,7 +142,8 @@ def main() -> None:
     result = {"benchmark": "guidance", "machine": machine_info(["cpu"]), "settings": vars(args) | {
         "workdir": str(args.workdir)}, "digits": study, "digits_plot": str(args.workdir / "guidance_digits.png")}
     if not args.no_toy:
-        result["toy"] = toy_study(args.workdir)
+        toy_band = tuple(float(v) for v in args.toy_interval.split(","))
+        result["toy"] = toy_study(args.workdir, args.toy_steps, toy_band)
     result["seconds"] = time.perf_counter() - start
     json.dump(result, sys.stdout, indent=2, default=str)
     print()
