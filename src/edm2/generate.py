@@ -8,6 +8,7 @@ given so that the churn noise that follows is the official one, then the sampler
 
 from __future__ import annotations
 
+import glob
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,14 +17,16 @@ import numpy as np
 import torch
 
 from edm2.data import Encoder, StandardRGBEncoder, encoder_from_dict, to_model_space, to_uint8
-from edm2.files import atomic_output
+from edm2.files import atomic_output, remove_stale_temps
 from edm2.runtime import fast_paths_for, prepare_for_sampling, rank_batches, set_cuda_math, world_info
 from edm2.sampling import DesignSteps, SamplerSettings, StackedRandomGenerator
 
 __all__ = ["SamplingSession", "SampledBatch", "sample_batch", "generate_images", "generate_with", "write_batches",
-           "save_png", "save_seed_pngs", "seed_png_path", "make_grid", "check_same_space", "GRID_SIZE"]
+           "save_png", "save_seed_pngs", "seed_png_path", "make_grid", "check_same_space", "remove_stale_png_temps",
+           "GRID_SIZE", "MAX_BATCH"]
 
 GRID_SIZE = 64  # a grid shows the first images of a request, at most this many
+MAX_BATCH = 1 << 16  # images per batch: more is a typo (the published models sample 64 at a time on one GPU)
 
 
 def sample_batch(
@@ -56,10 +59,15 @@ def sample_batch(
 
 
 def _check_classes(label_dim: int, num_seeds: int, class_idx: int | Sequence[int] | None) -> None:
-    """ValueError for a class outside 0..label_dim-1 (a conditional network), or a list not one class per seed."""
+    """ValueError for a class outside 0..label_dim-1 (a conditional network), a class for an unconditional
+    network, or a list not one class per seed."""
     if class_idx is None:
         return
-    if label_dim and not all(0 <= int(c) < label_dim for c in np.atleast_1d(class_idx)):
+    if not label_dim:
+        shown = class_idx if np.ndim(class_idx) == 0 else f"{list(class_idx)[:3]}..."
+        raise ValueError(f"class {shown} given, but the network is unconditional (it has no classes); leave out "
+                         "the class (--class)")
+    if not all(0 <= int(c) < label_dim for c in np.atleast_1d(class_idx)):
         raise ValueError(f"class {class_idx} outside 0..{label_dim - 1}")
     if np.ndim(class_idx) > 0 and len(class_idx) != num_seeds:
         raise ValueError(f"{len(class_idx)} classes for {num_seeds} seeds")
@@ -144,6 +152,8 @@ class SamplingSession:
             raise ValueError("no seeds given")
         if self.batch_size <= 0:
             raise ValueError(f"--batch must be positive, got {self.batch_size}")
+        if self.batch_size > MAX_BATCH:
+            raise ValueError(f"--batch {self.batch_size} is absurd: at most {MAX_BATCH} images per batch")
         if self.settings.guidance != 1 and self.gnet is None:
             raise ValueError(f"--guidance {self.settings.guidance} needs a guide model: pass --gnet SNAPSHOT")
         if self.gnet is not None and self.snapshot_encoders is not None:
@@ -204,6 +214,15 @@ def save_seed_pngs(outdir: str | Path, seeds: Sequence[int], pixels: torch.Tenso
         save_png(path, image)
 
 
+def remove_stale_png_temps(outdir: str | Path, subdirs: bool = False) -> list[Path]:
+    """Remove the PNG temporaries a killed run left in `outdir` (and with `subdirs` in its seed folders); those
+    of live writers (another process of this request) are kept. Returns what was removed."""
+    folders = [Path(outdir)]
+    if subdirs:
+        folders += sorted(p for p in Path(outdir).glob("[0-9]" * 6) if p.is_dir())
+    return [p for folder in folders for p in remove_stale_temps(folder, "*.png")]
+
+
 def write_batches(session: SamplingSession, seeds: Sequence[int], outdir: str | Path | None,
                   class_idx: int | Sequence[int] | None = None, subdirs: bool = False) -> Iterator[SampledBatch]:
     """This process's batches of `session.batches(seeds, class_idx)`, each written as PNGs to `outdir` (None:
@@ -213,6 +232,7 @@ def write_batches(session: SamplingSession, seeds: Sequence[int], outdir: str | 
     batches = session.batches(seeds, class_idx)
     if outdir is not None:
         Path(outdir).mkdir(parents=True, exist_ok=True)
+        remove_stale_png_temps(outdir, subdirs)
 
     def written() -> Iterator[SampledBatch]:
         for batch in batches:
@@ -274,6 +294,8 @@ def generate_with(session: SamplingSession, seeds: Sequence[int], outdir: str | 
     if grid is not None and grid_size < 1:
         raise ValueError(f"a grid needs at least one image, got grid_size {grid_size}")
     batches = write_batches(session, seeds, outdir, class_idx, subdirs)  # checked before anything is written
+    if grid is not None and Path(grid).parent.is_dir():  # the grid's temporaries of a killed run
+        remove_stale_temps(Path(grid).parent, glob.escape(Path(grid).name))
     rank, world = world_info()
     kept: dict[int, torch.Tensor] = {}  # first position of a batch -> its samples (only when returned)
     first: dict[int, torch.Tensor] = {}  # position -> pixels, of the first `grid_size` seeds (only for a grid)

@@ -3,16 +3,32 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import sys
 import time
+import warnings
 
 import click
 
 from edm2 import __version__
 
-__all__ = ["main", "friendly_errors", "one_voice"]
+__all__ = ["main", "friendly_errors", "one_voice", "one_line_warnings", "error_line"]
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def error_line(e: BaseException) -> str:
+    """The one line an error is reported as: an OSError as '<what>: <file>' (a full disk with what to do), any
+    other error's text with its line breaks folded."""
+    if isinstance(e, OSError) and e.strerror:
+        what = e.strerror[:1].lower() + e.strerror[1:]
+        where = f": {e.filename}" if e.filename is not None else ""
+        hint = "; free some space or write elsewhere" if e.errno in _DISK_FULL else ""
+        return f"{what}{where}{hint}"
+    text = str(e) or type(e).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) if "\n" in text else text
 
 
 def friendly_errors(fn):
@@ -23,10 +39,23 @@ def friendly_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (ValueError, OSError) as e:
-            click.echo(f"edm2: error: {e}", err=True)
+            click.echo(f"edm2: error: {error_line(e)}", err=True)
             sys.exit(2)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def one_line_warnings():
+    """Show the library's warnings raised in the block (an official pickle converted on the fly, weights with
+    NaN values loaded as asked) as one line each, 'edm2: warning: ...', on stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for w in caught:
+                click.echo(f"edm2: warning: {' '.join(str(w.message).split())}", err=True)
 
 
 @contextlib.contextmanager

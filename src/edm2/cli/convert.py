@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import click
 
-from edm2.cli.app import friendly_errors, main
+from edm2.cli.app import friendly_errors, main, one_line_warnings
 
 
 @main.command()
 @click.argument("src", type=click.Path())
 @click.argument("dest", type=click.Path(dir_okay=False))
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Convert a network whose weights hold NaN or Inf values (refused otherwise), with a warning.")
 @friendly_errors
-def convert(src, dest) -> None:
+def convert(src, dest, allow_nonfinite) -> None:
     """Convert the official network pickle SRC (EDM2 or EDM network-snapshot-*.pkl, or a post-hoc reconstruction)
     into the edm2 snapshot DEST (.safetensors). The pickle's embedded code is never run; only its data is read."""
     from edm2.files.pickle_convert import convert_pickle
 
-    snap = convert_pickle(src, dest)
+    with one_line_warnings():
+        snap = convert_pickle(src, dest, allow_nonfinite)
     net = snap.network
     when = f", {snap.nimg} images, sigma_rel {snap.sigma_rel:.3f}" if snap.sigma_rel is not None else ""
     name = getattr(net, "class_name", "Precond")

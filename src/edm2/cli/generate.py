@@ -7,7 +7,7 @@ import dataclasses
 import click
 from click.core import ParameterSource
 
-from edm2.cli.app import friendly_errors, main, one_voice
+from edm2.cli.app import friendly_errors, main, one_line_warnings, one_voice
 from edm2.cli.params import parse_seeds, sampler_options
 from edm2.sampling import SamplerSettings
 
@@ -55,10 +55,12 @@ def published_models(preset: str | None, net_path: str | None, gnet_path: str | 
 @click.option("--allow-tf32", is_flag=True, help="TF32 in CUDA convolutions and matrix products.")
 @click.option("--vae", help="For latent models: the VAE to decode with (a local folder or hub name).  "
                             "[default: the one the snapshot records]")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Sample a network whose weights hold NaN or Inf values (refused otherwise), with a warning.")
 @friendly_errors
 @sampler_options()
 def generate(net_path, preset, outdir, subdirs, seeds, class_idx, gnet_path, batch_size, grid, device, precision,
-             compile_net, allow_tf32, vae, settings) -> None:
+             compile_net, allow_tf32, vae, allow_nonfinite, settings) -> None:
     """Generate images from a snapshot; an image depends only on its seed. Latent models are decoded with the
     snapshot's encoder (the VAE). Each batch is written and dropped, so memory does not grow with the number of
     seeds. Under torchrun, the seeds are split over the processes. Networks of the EDM (2022) release sample
@@ -76,8 +78,9 @@ def generate(net_path, preset, outdir, subdirs, seeds, class_idx, gnet_path, bat
     seed_list = parse_seeds(seeds)
     with one_voice(), distributed(device) as (rank, _):
         device = resolve_device(device)
-        net, snap = load_network(net_path, device)
-        gnet, gsnap = load_network(gnet_path, device) if gnet_path else (None, None)
+        with one_line_warnings():  # an official pickle converted on the fly, NaN weights loaded as asked
+            net, snap = load_network(net_path, device, allow_nonfinite)
+            gnet, gsnap = load_network(gnet_path, device, allow_nonfinite) if gnet_path else (None, None)
         encoder = encoder_from_dict(snap.encoder, vae_name=vae)
         if vae is not None and isinstance(encoder, StandardRGBEncoder):
             raise ValueError(f"--vae applies to latent models; {net_path} generates pixels")

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from edm2.cli.app import friendly_errors, main, one_voice
-from edm2.cli.params import parse_seeds, sampler_options
+from edm2.cli.params import MAX_SEEDS, parse_seeds, sampler_options
 
 OFFICIAL_NUM = 50_000  # edm2.metrics.measure.OFFICIAL_NUM (not imported here: the command line loads lazily)
 
@@ -97,6 +97,8 @@ def _gen_seeds(seeds: str | None, first: int | None, num: int | None) -> list[in
     first, num = (0 if first is None else first), (OFFICIAL_NUM if num is None else num)
     if first < 0 or num < 2:
         raise ValueError(f"need --seed >= 0 and --num >= 2 (statistics need two images), got {first} and {num}")
+    if num > MAX_SEEDS:
+        raise ValueError(f"--num {num} is more than {MAX_SEEDS} images in one command; split the evaluation")
     return list(range(first, first + num))
 
 

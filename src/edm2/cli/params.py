@@ -15,8 +15,9 @@ from edm2.guidance import parse_interval
 from edm2.sampling import SOLVERS, SamplerSettings
 from edm2.schedules import DISCRETIZATIONS, SCALINGS, SCHEDULES
 
-__all__ = ["UNITS", "parse_nimg", "NIMG", "parse_budget", "BUDGET", "parse_seeds", "parse_floats", "FLOATS", "INTS",
-           "INTERVAL", "parse_std_list", "parse_official_std_list", "parse_std_for", "sampler_options"]
+__all__ = ["UNITS", "parse_nimg", "NIMG", "parse_budget", "BUDGET", "MAX_SEEDS", "parse_seeds", "parse_floats",
+           "FLOATS", "INTS", "INTERVAL", "parse_std_list", "parse_official_std_list", "parse_std_for",
+           "sampler_options"]
 
 UNITS = {"": 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
 
@@ -81,9 +82,13 @@ class TimeBudget(click.ParamType):
 BUDGET = TimeBudget()
 
 
+MAX_SEEDS = 10**7  # seeds of one command: more is a typo (or a job for several commands), and would not fit
+
+
 def parse_seeds(text: str) -> list[int]:
-    """'0-63,100,200-201' -> [0, ..., 63, 100, 200, 201]; ValueError for malformed ranges."""
-    seeds: list[int] = []
+    """'0-63,100,200-201' -> [0, ..., 63, 100, 200, 201]; ValueError for malformed ranges, a seed given twice,
+    or more than `MAX_SEEDS` seeds (counted before any list is made)."""
+    ranges: list[tuple[int, int]] = []
     for part in str(text).split(","):
         m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
         if not m:
@@ -91,8 +96,16 @@ def parse_seeds(text: str) -> list[int]:
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
             raise ValueError(f"malformed seed range {part.strip()!r}: end before start")
-        seeds.extend(range(lo, hi + 1))
-    return seeds
+        ranges.append((lo, hi))
+    count = sum(hi - lo + 1 for lo, hi in ranges)
+    if count > MAX_SEEDS:
+        raise ValueError(f"--seeds {str(text).strip()} asks for {count} images, more than {MAX_SEEDS} in one command; "
+                         "split the seeds over several commands")
+    ordered = sorted(ranges)
+    for (_, hi_a), (lo_b, _) in zip(ordered, ordered[1:]):
+        if lo_b <= hi_a:
+            raise ValueError(f"seed {lo_b} is given twice in --seeds {str(text).strip()}; give each seed once")
+    return [seed for lo, hi in ranges for seed in range(lo, hi + 1)]
 
 
 def parse_floats(text: str, option: str) -> list[float]:

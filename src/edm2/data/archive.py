@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import struct
 import zipfile
@@ -17,13 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
+from edm2.data.image_read import image_header, read_image
+
 __all__ = ["IMAGE_EXTENSIONS", "LATENT_EXTENSION", "Archive", "Entries", "decode_image", "decode_npy", "entry_shape",
-           "parse_labels", "is_image", "is_latent", "check_item_shape", "read_npz"]
+           "parse_labels", "is_image", "is_latent", "check_item_shape", "read_npz", "check_labels", "MAX_CLASSES"]
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 LATENT_EXTENSION = ".npy"
-# PIL modes kept as they are; every other mode becomes RGB (or RGBA when it has alpha).
-_KEPT_MODES = {"L": 1, "RGB": 3, "RGBA": 4}
+MAX_CLASSES = 100_000  # class indices above this are a mistake (a label embedding of that many rows, at least)
 
 
 def is_image(name: str) -> bool:
@@ -164,18 +166,10 @@ class Entries:
         return data
 
 
-def decode_image(data: bytes, name: str) -> np.ndarray:
-    """PNG/JPEG/... bytes -> uint8 [H, W, C] with C = 1 (gray), 3 (RGB) or 4 (RGBA)."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.mode not in _KEPT_MODES:
-                img = img.convert("RGBA" if "A" in img.mode else "RGB")
-            arr = np.asarray(img)
-    except Exception as e:
-        raise ValueError(f"{name}: not a readable image ({e.__class__.__name__}: {e})") from None
-    return arr[:, :, None] if arr.ndim == 2 else arr
+def decode_image(data: bytes, name: str, channels: int | None = None) -> np.ndarray:
+    """PNG/JPEG/... bytes -> uint8 [H, W, C] with C = 1 (grey) or 3 (RGB): `image_read.read_image`, the one way
+    every reader decodes an image."""
+    return read_image(data, name, channels)
 
 
 def decode_npy(data: bytes, name: str) -> np.ndarray:
@@ -204,20 +198,13 @@ def entry_shape(archive: Archive, name: str) -> tuple[int, int, int]:
             if len(shape) < 2 or dtype.kind != "f":
                 raise ValueError(f"{where}: expected a float array [C, H, W] of latents, got {dtype} {list(shape)}")
             return int(np.prod(shape[:-2], dtype=np.int64)), int(shape[-2]), int(shape[-1])
-        from PIL import Image
-
-        try:
-            with Image.open(f) as img:
-                w, h = img.size
-                channels = _KEPT_MODES.get(img.mode, 4 if "A" in img.mode else 3)
-        except Exception as e:
-            raise ValueError(f"{where}: not a readable image ({e.__class__.__name__}: {e})") from None
-    return channels, h, w
+        header = image_header(f, where)
+    return header.channels, header.height, header.width
 
 
-def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """`x` (uint8 [N, H, W, C]; [N, H, W] gains C = 1) and `y` (int64 labels or None) of an NPZ file, read without
-    unpickling anything."""
+def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """`x` (uint8 [N, H, W, C]; [N, H, W] gains C = 1), `y` (int64 class indices or None, `check_labels`) and the
+    number of classes (0 without labels) of an NPZ file, read without unpickling anything."""
     try:
         d = np.load(path)  # allow_pickle=False: object arrays and pickles are refused
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
@@ -233,7 +220,54 @@ def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
             raise ValueError(f"{path}: not a readable NPZ file ({e})") from None
     if x.dtype != np.uint8 or x.ndim not in (3, 4):
         raise ValueError(f"{path}: 'x' must be uint8 [N, H, W, C] or [N, H, W], got {x.dtype} {list(x.shape)}")
-    return x[..., None] if x.ndim == 3 else x, None if y is None else y.astype(np.int64)
+    labels, classes = (None, 0) if y is None else check_labels(y, len(x), f"{path}: 'y'")
+    return x[..., None] if x.ndim == 3 else x, labels, classes
+
+
+def check_labels(values, count: int, where: str) -> tuple[np.ndarray, int]:
+    """Class indices (int64 [count]) and the number of classes from labels of `count` items: integers 0..C-1 (a
+    float array of whole numbers too), or exact one-hot rows [count, C] (C classes); C at most `MAX_CLASSES`.
+    Anything else is a one-line ValueError starting with `where`."""
+    y = np.asarray(values)
+    if y.dtype.kind not in "biuf":
+        raise ValueError(f"{where}: labels must be integer class indices, got {y.dtype} values")
+    if y.ndim == 2 and y.shape[0] == count and y.shape[1] == 1:
+        y = y[:, 0]  # a column of indices
+    if y.ndim == 2 and y.shape[0] == count:
+        return _one_hot_labels(y, where)
+    if y.shape != (count,):
+        what = f"{len(y)} labels" if y.ndim == 1 else f"labels of shape {list(y.shape)}"
+        raise ValueError(f"{where}: {what} for {count} images; give one class index per image ([N]) or one-hot "
+                         "rows ([N, C])")
+    if y.dtype.kind == "f":
+        bad = ~np.isfinite(y) | (y != np.round(y))
+        if bad.any():
+            i = int(bad.argmax())
+            raise ValueError(f"{where}: label {y[i]} of image {i} is not an integer; labels are class indices 0..C-1")
+    if count and y.min() < 0:
+        i = int(y.argmin())
+        raise ValueError(f"{where}: label {y[i]} of image {i} is negative; labels must be non-negative integers, "
+                         "class indices 0..C-1")
+    if count and y.max() >= MAX_CLASSES:
+        i = int(y.argmax())
+        raise ValueError(f"{where}: label {y[i]} of image {i} is too large (at most {MAX_CLASSES} classes); number "
+                         "the classes 0..C-1")
+    labels = y.astype(np.int64)
+    return labels, int(labels.max()) + 1 if count else 0
+
+
+def _one_hot_labels(y: np.ndarray, where: str) -> tuple[np.ndarray, int]:
+    """The class indices of one-hot rows [N, C]: exactly one 1 per row, zeros elsewhere."""
+    n, classes = y.shape
+    if classes > MAX_CLASSES:
+        raise ValueError(f"{where}: one-hot labels of {classes} classes (at most {MAX_CLASSES}); give class "
+                         "indices 0..C-1")
+    exact = ((y == 0) | (y == 1)).all(axis=1) & ((y == 1).sum(axis=1) == 1)
+    if not exact.all():
+        i = int((~exact).argmax())
+        raise ValueError(f"{where}: labels of shape [{n}, {classes}] are not one-hot (row {i} is not exactly one 1 "
+                         "and zeros); give class indices 0..C-1 ([N])")
+    return (y == 1).argmax(axis=1).astype(np.int64), classes
 
 
 def check_item_shape(shape: tuple[int, ...], latents: bool, where: str) -> None:
@@ -253,7 +287,7 @@ def parse_labels(meta: bytes, names: list[str], source: str) -> np.ndarray | Non
     """Integer labels of `names` from the bytes of a `dataset.json` (None when it says "labels": null)."""
     try:
         entries = json.loads(meta).get("labels")
-    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"{source}/dataset.json: not valid JSON of the form {{\"labels\": [[file, label], ...]}} "
                          f"({e})") from None
     if entries is None:
@@ -263,9 +297,9 @@ def parse_labels(meta: bytes, names: list[str], source: str) -> np.ndarray | Non
     table = {}
     for entry in entries:
         if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
-                and isinstance(entry[1], int) and not isinstance(entry[1], bool)):
+                and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool)):
             raise ValueError(f"{source}/dataset.json: bad entry {entry!r}; expected [\"path/to/image.png\", int]")
-        table[entry[0].replace("\\", "/")] = entry[1]
+        table[entry[0].replace("\\", "/")] = _json_label(entry[0], entry[1], source)
     missing = sorted(set(table) - set(names))
     if missing:
         raise ValueError(f"{source}/dataset.json names {len(missing)} missing file(s), e.g. {missing[0]!r}; "
@@ -274,7 +308,16 @@ def parse_labels(meta: bytes, names: list[str], source: str) -> np.ndarray | Non
     if unlabeled:
         raise ValueError(f"{source}/dataset.json has no label for {len(unlabeled)} image(s), e.g. "
                          f"{unlabeled[0]!r}; label every image or remove dataset.json")
-    labels = np.array([table[n] for n in names], dtype=np.int64)
-    if len(labels) and labels.min() < 0:
-        raise ValueError(f"{source}/dataset.json: labels must be non-negative integers")
-    return labels
+    return np.array([table[n] for n in names], dtype=np.int64)
+
+
+def _json_label(name: str, value: int | float, source: str) -> int:
+    """A label of `dataset.json` as a class index 0..MAX_CLASSES-1 (a whole float such as 3.0 is accepted)."""
+    if isinstance(value, float) and not (math.isfinite(value) and value == round(value)):
+        raise ValueError(f"{source}/dataset.json: bad entry [{name!r}, {value!r}]: the label is not an integer; "
+                         "labels are class indices 0..C-1")
+    if not 0 <= value < MAX_CLASSES:
+        text = str(int(value)) if abs(value) < 10**18 else f"{str(int(value))[:12]}..."
+        raise ValueError(f"{source}/dataset.json: bad entry [{name!r}, {text}]: the label is out of range; labels "
+                         f"are class indices 0..C-1 with at most {MAX_CLASSES} classes")
+    return int(value)

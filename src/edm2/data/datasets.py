@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edm2.data.archive import check_item_shape, read_npz
+from edm2.data.archive import check_item_shape, check_labels, read_npz
 from edm2.data.encoders import default_encoder
 from edm2.data.folder import ImageFolderDataset
 
@@ -51,12 +51,8 @@ class ImageDataset:
             raise ValueError(f"{self.name}: the dataset holds no images")
         check_item_shape(self.images.shape[1:], self.latents, self.name)
         if self.labels is not None:
-            self.labels = np.asarray(self.labels, dtype=np.int64)
-            if self.labels.shape != (n,):
-                raise ValueError(f"{self.name}: {self.labels.shape[0]} labels for {n} images")
-            if self.labels.min() < 0:
-                raise ValueError(f"{self.name}: labels must be non-negative integers")
-            self.num_classes = max(self.num_classes, int(self.labels.max()) + 1)
+            self.labels, classes = check_labels(self.labels, n, self.name)
+            self.num_classes = max(self.num_classes, classes)
         self.encoder = self.encoder or default_encoder(self.latents)
 
     def __len__(self) -> int:
@@ -107,8 +103,8 @@ def load_digits_dataset() -> ImageDataset:
 
 
 def _load_npz(path: Path) -> ImageDataset:
-    x, y = read_npz(path)
-    return ImageDataset(x.transpose(0, 3, 1, 2).copy(), y, name=str(path))
+    x, y, classes = read_npz(path)
+    return ImageDataset(x.transpose(0, 3, 1, 2).copy(), y, name=str(path), num_classes=classes)
 
 
 def open_dataset(path: str | Path, progress: bool = False) -> ImageDataset | ImageFolderDataset:

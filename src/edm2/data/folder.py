@@ -26,6 +26,7 @@ from edm2.data.archive import (
     parse_labels,
 )
 from edm2.data.encoders import default_encoder, encoder_from_dict
+from edm2.data.image_read import image_header
 
 __all__ = ["ImageFolderDataset", "DATASET_JSON", "INCOMPLETE_MARKER"]
 
@@ -102,12 +103,24 @@ class ImageFolderDataset:
             if first is None:
                 first = (shape, name)
             elif shape != first[0]:
-                (c0, h0, w0), n0 = first
-                kind = "latent shapes" if self.latents else "image sizes"
-                raise ValueError(f"{self.name}: mixed {kind} ({n0} is {w0}x{h0}x{c0}, {name} is "
-                                 f"{shape[2]}x{shape[1]}x{shape[0]}); resize all images to one size "
-                                 "(`edm2 dataset convert --resolution N`)")
+                self._mixed(archive, first[1], first[0], name, shape)
         return first[0]
+
+    def _mixed(self, archive: Archive, first: str, first_shape: tuple, name: str, shape: tuple) -> None:
+        """The one-line error for two entries of different shapes (for images of one size but different channel
+        counts, their modes too: a folder of grey and colour images is refused, not silently converted)."""
+        (c0, h0, w0), (c1, h1, w1) = first_shape, shape
+        kind = "latent shapes" if self.latents else "image sizes"
+        if self.latents or (h0, w0) != (h1, w1):
+            raise ValueError(f"{self.name}: mixed {kind} ({first} is {w0}x{h0}x{c0}, {name} is {w1}x{h1}x{c1}); "
+                             "resize all images to one size (`edm2 dataset convert --resolution N`)")
+        modes = []
+        for n in (first, name):
+            with archive.open(n) as f:
+                modes.append(image_header(f, archive.where(n)).mode)
+        raise ValueError(f"{self.name}: mixed image sizes ({first} is {w0}x{h0}x{c0}, mode {modes[0]}; {name} is "
+                         f"{w1}x{h1}x{c1}, mode {modes[1]}); give all images one channel count (`edm2 dataset "
+                         "convert --channels 3`, or 1 for grey)")
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edm2.data.archive import Archive, decode_image, is_image, parse_labels, read_npz
+from edm2.data.archive import Archive, is_image, parse_labels, read_npz
 from edm2.data.folder import DATASET_JSON
+from edm2.data.image_read import read_image, to_channels
 from edm2.data.loader import LoadError
 
 __all__ = ["ImageSource", "ConvertItems"]
@@ -42,11 +43,11 @@ class ImageSource:
         self.labels = None if labels is None else [int(v) for v in labels[:len(self.names)]]
 
     def _open_npz(self, path: Path) -> tuple[list[str], np.ndarray | None]:
-        x, y = read_npz(path)
+        x, y, _ = read_npz(path)  # labels checked there: class indices, or one-hot rows
+        if not len(x):
+            raise ValueError(f"--source {path}: 'x' holds no images")
         if x.shape[3] not in (1, 3, 4):
             raise ValueError(f"--source {path}: 'x' has {x.shape[3]} channels; expected 1, 3 or 4")
-        if y is not None and (y.shape != (len(x),) or (len(y) and y.min() < 0)):
-            raise ValueError(f"--source {path}: 'y' must hold one non-negative integer label per image")
         self.array = x
         return [f"x[{i}]" for i in range(len(x))], y
 
@@ -66,12 +67,12 @@ class ImageSource:
     def __len__(self) -> int:
         return len(self.names)
 
-    def read(self, index: int) -> np.ndarray:
-        """Image `index` as uint8 [H, W, C] (C = 1, 3 or 4)."""
+    def read(self, index: int, channels: int | None = None) -> np.ndarray:
+        """Image `index` as uint8 [H, W, C]: C = 1 or 3 as `image_read` reads it, or `channels` (1 or 3)."""
         if self.array is not None:
-            return self.array[index]
+            return to_channels(self.array[index], channels)
         name = self.names[index]
-        return decode_image(self.archive.read(name), self.archive.where(name))
+        return read_image(self.archive.read(name), self.archive.where(name), channels)
 
 
 class ConvertItems(torch.utils.data.Dataset):
@@ -90,7 +91,7 @@ class ConvertItems(torch.utils.data.Dataset):
         from PIL import Image
 
         try:
-            img = self.transform(self._convert(self.source.read(index)))
+            img = self.transform(self.source.read(index, self.channels))
         except ValueError as e:
             return LoadError(str(e))
         if img is None:
@@ -98,13 +99,3 @@ class ConvertItems(torch.utils.data.Dataset):
         buf = io.BytesIO()
         Image.fromarray(img[:, :, 0] if self.channels == 1 else img).save(buf, format="PNG", compress_level=0)
         return index, buf.getvalue(), (img.shape[2], img.shape[0], img.shape[1])
-
-    def _convert(self, img: np.ndarray) -> np.ndarray:
-        """To the output's channels, as PIL converts (alpha dropped, gray = ITU-R 601-2 luma)."""
-        from PIL import Image
-
-        if img.shape[2] == self.channels:
-            return img
-        pil = Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img)
-        arr = np.asarray(pil.convert("L" if self.channels == 1 else "RGB"))
-        return arr[:, :, None] if arr.ndim == 2 else arr

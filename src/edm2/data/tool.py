@@ -26,9 +26,8 @@ from edm2.data.encoders import SD_VAE, StabilityVAEEncoder, encoder_from_dict
 from edm2.data.latent_stats import LatentStats, latent_statistics
 from edm2.data.loader import LoadError, read_in_order
 from edm2.data.sources import ConvertItems, ImageSource
-from edm2.data.transforms import make_transform
-from edm2.data.writer import DatasetWriter, image_name, latent_name
-from edm2.files import atomic_write_text
+from edm2.data.transforms import make_transform, skips
+from edm2.data.writer import DatasetWriter, check_dest, image_name, latent_name, write_file
 from edm2.runtime import world_info
 
 __all__ = ["Summary", "convert_dataset", "encode_dataset", "decode_dataset", "dataset_stats"]
@@ -63,16 +62,18 @@ def _labels_json(names: list[str], labels: list[int] | None, extra: dict | None 
     return {**meta, **(extra or {})}
 
 
-def _check_headers(source: ImageSource, uniform: bool) -> None:
-    """Every image's header is readable, and without --resolution (`uniform`) all images have one square size:
-    checked before anything is written. Damage beyond the headers shows when the images are decoded."""
+def _check_headers(source: ImageSource, resolution: tuple[int, int] | None, transform: str | None) -> None:
+    """Every image's header is readable; without --resolution all images have one square size; the transform
+    does not skip every image: checked before anything is written. Damage beyond the headers shows when the
+    images are decoded."""
     if source.array is not None:
         shapes = ((name, source.array.shape[1:3]) for name in source.names)
     else:
         shapes = ((name, entry_shape(source.archive, name)[1:]) for name in source.names)
-    first = None
+    first, kept = None, 0
     for name, (h, w) in shapes:
-        if not uniform:
+        kept += not skips(transform, resolution, w, h)
+        if resolution is not None:
             continue
         if h != w:
             raise ValueError(f"--source {source.path}: {name} is {w}x{h}, not square; pass --resolution N "
@@ -81,6 +82,18 @@ def _check_headers(source: ImageSource, uniform: bool) -> None:
         if h != first[1]:
             raise ValueError(f"--source {source.path}: {first[0]} is {first[1]}x{first[1]} but {name} {w}x{h}; "
                              "pass --resolution N to give them one size")
+    if not kept:
+        width, height = resolution
+        raise ValueError(f"--source {source.path}: --transform {transform} skips every image (each is narrower than "
+                         f"{width} or too short for {height} rows at that width); nothing to write")
+
+
+def _check_counts(batch_size: int | None = None, workers: int | None = None) -> None:
+    """The counts a command takes from Python callers too (the command line checks its own)."""
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"--batch must be positive, got {batch_size}")
+    if workers is not None and workers < 0:
+        raise ValueError(f"--workers must be 0 or more, got {workers}")
 
 
 def convert_dataset(source: str | Path, dest: str | Path, resolution: tuple[int, int] | None = None,
@@ -88,12 +101,13 @@ def convert_dataset(source: str | Path, dest: str | Path, resolution: tuple[int,
                     workers: int = 4, progress: Progress = None) -> Summary:
     """Convert images to the official layout (see `edm2.data.transforms` for the crops; `channels` 3 = RGB,
     1 = grayscale). Everything is checked before anything is written; a folder `dest` resumes."""
+    _check_counts(workers=workers)
     src = ImageSource(source, max_images)
     items = ConvertItems(src, make_transform(transform, resolution), channels)
-    _check_headers(src, uniform=resolution is None)
+    _check_headers(src, resolution, transform)
     job = {"command": "convert", "source": str(Path(source).resolve()), "images": _fingerprint(src.names),
            "resolution": resolution, "transform": transform, "channels": channels}
-    writer = DatasetWriter(dest, job)
+    writer = DatasetWriter(dest, job, source)
     with writer:
         todo = [i for i in range(len(src)) if image_name(i) not in writer.done]
         loader = torch.utils.data.DataLoader(items, batch_size=None, sampler=todo, num_workers=workers,
@@ -171,7 +185,7 @@ def _write_all(dataset, dest, job: dict, names: list[str], fn, batch_size: int, 
                extra: dict, progress: Progress) -> Summary | None:
     """Write `fn`'s output for the first len(names) items of `dataset` to `dest` under `names` (rank 0), labels
     carried over. Returns the summary on rank 0, None elsewhere."""
-    writer = DatasetWriter(dest, job) if world_info()[0] == 0 else None
+    writer = DatasetWriter(dest, job, job["source"]) if world_info()[0] == 0 else None
     with writer if writer is not None else contextlib.nullcontext():
         todo = _resume_list(writer, names)
         done = 0
@@ -188,7 +202,11 @@ def _write_all(dataset, dest, job: dict, names: list[str], fn, batch_size: int, 
     return _summary(dest, writer.bytes)
 
 
-def _open(source, max_images: int | None, latents: bool):
+def _open(source, dest, max_images: int | None, latents: bool, batch_size: int, workers: int):
+    """The source dataset and the number of its items to use; the counts and the destination checked (the
+    destination again, fully, by `DatasetWriter` before anything is written)."""
+    _check_counts(batch_size, workers)
+    check_dest(dest, source)
     dataset = open_dataset(source)
     if dataset.latents != latents:
         want = "latents (written by `edm2 dataset encode`)" if latents else "images"
@@ -205,7 +223,7 @@ def encode_dataset(source: str | Path, dest: str | Path, vae: str = SD_VAE, devi
     """Encode a pixel dataset (RGB, one size) into VAE latents: per image the posterior mean and std, 8 channels
     [2C, H/8, W/8] float32, named `img-mean-std-<index>.npy` as the official tool; labels carried over and the
     encoder recorded in `dataset.json`. Returns the summary on rank 0, None elsewhere."""
-    dataset, n = _open(source, max_images, latents=False)
+    dataset, n = _open(source, dest, max_images, False, batch_size, workers)
     if dataset.channels != 3:
         raise ValueError(f"--source {source} has {dataset.channels}-channel images; the VAE takes RGB "
                          "(convert with `edm2 dataset convert --channels 3`)")
@@ -233,7 +251,7 @@ def decode_dataset(source: str | Path, dest: str | Path, vae: str | None = None,
                    progress: Progress = None) -> Summary | None:
     """Decode a latent dataset to PNGs: the posterior mean of each image through the VAE decoder (the dataset's
     recorded VAE unless `vae` is given), labels carried over."""
-    dataset, n = _open(source, max_images, latents=True)
+    dataset, n = _open(source, dest, max_images, True, batch_size, workers)
     encoder = encoder_from_dict(dataset.encoder, vae_name=None if vae is None else _recorded_name(vae),
                                 batch_size=batch_size, precision=precision)
     encoder.network_channels(dataset.channels)  # the statistics fit the latents
@@ -260,7 +278,11 @@ def dataset_stats(source: str | Path, dest: str | Path, batch_size: int = 64, wo
                   progress: Progress = None) -> LatentStats:
     """Measure the per-channel raw mean/std of a latent dataset and write them as JSON to `dest` (the file
     `edm2 train --latent-stats` reads)."""
+    _check_counts(batch_size, workers)
+    check_dest(dest, source)
+    if Path(dest).is_dir():
+        raise ValueError(f"--dest {dest} is a folder; name the JSON file to write")
     dataset = open_dataset(source)
     stats = latent_statistics(dataset, batch_size, workers, progress)
-    atomic_write_text(dest, json.dumps(stats.to_dict(str(source)), indent=2) + "\n")
+    write_file(dest, json.dumps(stats.to_dict(str(source)), indent=2) + "\n", source)
     return stats

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["TRANSFORMS", "make_transform", "parse_resolution"]
+__all__ = ["TRANSFORMS", "make_transform", "parse_resolution", "skips"]
 
 TRANSFORMS = ("center-crop", "center-crop-wide", "center-crop-dhariwal", "resize")
 
@@ -70,12 +70,27 @@ def _center_crop(width: int, img: np.ndarray) -> np.ndarray:
     return _resize(crop, width, width, Image.Resampling.LANCZOS)
 
 
+def _wide_skips(width: int, height: int, h: int, w: int) -> bool:
+    """Whether center-crop-wide to W x H skips an image of w x h: narrower than W, or too short for H rows at the
+    output width."""
+    rows = int(np.round(width * h / w))  # rows that keep the aspect ratio at the output width
+    return w < width or rows < height
+
+
+def skips(transform: str | None, resolution: tuple[int, int] | None, width: int, height: int) -> bool:
+    """Whether `make_transform(transform, resolution)` skips an image of `width` x `height` (known from its header,
+    so that a conversion that would skip every image is refused before anything is written)."""
+    if transform != "center-crop-wide" or resolution is None:
+        return False
+    return _wide_skips(resolution[0], resolution[1], height, width)
+
+
 def _center_crop_wide(width: int, height: int, img: np.ndarray) -> np.ndarray | None:
     from PIL import Image
 
     h, w = img.shape[:2]
     rows = int(np.round(width * h / w))  # rows that keep the aspect ratio at the output width
-    if w < width or rows < height:
+    if _wide_skips(width, height, h, w):
         return None
     band = _resize(img[(h - rows) // 2:(h + rows) // 2], width, height, Image.Resampling.LANCZOS)
     canvas = np.zeros([width, width, img.shape[2]], dtype=np.uint8)

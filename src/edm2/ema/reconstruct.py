@@ -36,7 +36,15 @@ from edm2.ema.scan import (
     scan_snapshots,
     snapshot_header,
 )
-from edm2.files import Snapshot, load_tensors, network_from_metadata, posthoc_filename, save_snapshot
+from edm2.files import (
+    Snapshot,
+    load_tensors,
+    network_from_metadata,
+    nonfinite_tensors,
+    posthoc_filename,
+    remove_stale_temps,
+    save_snapshot,
+)
 
 __all__ = ["DEFAULT_MAX_ERROR", "GAP_RATIO", "SnapshotInfo", "EMATarget", "ReconstructionResult",
            "ReconstructionPlan", "scan_snapshots", "profile_error", "plan_reconstruction", "execute_reconstruction",
@@ -194,10 +202,16 @@ def plan_reconstruction(source: str | Path, targets: Sequence[EMATarget], nimg: 
 
 
 def _read_tensors(info: SnapshotInfo) -> dict[str, torch.Tensor]:
-    """The tensors of one snapshot as stored (an official raw snapshot checked against the folder's network)."""
-    if is_official_snapshot(info):
-        return read_official_tensors(info)
-    return load_tensors(info.path, kind="snapshot")[0]
+    """The tensors of one snapshot as stored (an official raw snapshot checked against the folder's network);
+    ValueError naming the snapshot and its first tensor with NaN or Inf values."""
+    tensors = read_official_tensors(info) if is_official_snapshot(info) else load_tensors(info.path, "snapshot")[0]
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ValueError(f"{info.path}: tensor {bad[0]!r}{more} holds NaN or Inf values (the training diverged, or "
+                         "the file is damaged); reconstruct at a time before it (--nimg), or move it out of the "
+                         "folder")
+    return tensors
 
 
 def _accumulate(sums: list[dict[str, torch.Tensor]], columns: list[dict[str, int]], name: str,
@@ -302,6 +316,7 @@ def execute_reconstruction(plan: ReconstructionPlan, targets: Sequence[EMATarget
         step = None if progress is None else (lambda k, offset=offset: progress(offset + k, total))
         streamed = _stream(plan, group, step)
         outdir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(outdir, "posthoc-*.safetensors")  # of a killed run (live writers' are kept)
         for j, target in enumerate(group):
             sums, streamed.sums[j] = streamed.sums[j], {}
             state = {n: (sums[n] if n in sums else streamed.copied[n]).to(streamed.dtypes[n]) for n in plan.names}
@@ -334,7 +349,8 @@ def posthoc_reconstruct(
     snapshots do not support that length at that time). Snapshots are read one at a time, once per batch of
     at most `batch` outputs (None: all outputs in one pass); `progress(done, total)` follows them.
     `skip_existing` leaves out the outputs whose file exists in `outdir` (the official `--skip`).
-    Everything is validated before `outdir` is created.
+    Everything is validated before `outdir` is created; a snapshot with NaN or Inf values is refused before
+    any output is written, and the temporaries a killed reconstruction left in `outdir` are removed.
     """
     targets = [_as_target(s) for s in stds]
     if batch is not None and batch < 1:

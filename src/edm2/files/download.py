@@ -30,7 +30,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from edm2.files.base import atomic_write_text
+from edm2.files.base import atomic_write_text, move_into_place
 
 __all__ = ["CACHE_ENV", "MIRROR_ENV", "OFFLINE_ENV", "cache_dir", "is_url", "mirror_url", "cached_path",
            "download"]
@@ -109,7 +109,7 @@ def download(url: str, sha256: str | None = None, progress: bool = True) -> Path
                 raise ValueError(f"{url}: the downloaded file has SHA-256 {digest}, expected {expected}; it was "
                                  "deleted (a wrong URL, a wrong digest, or a damaged mirror?)")
             atomic_write_text(_with_suffix(dest, ".sha256"), digest + "\n")
-            os.replace(part, dest)
+            move_into_place(part, dest)
     except BaseException:
         if not part.exists():
             _remove_empty(created)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from edm2.files.pickles import Record, read_pickle
-from edm2.files.snapshot import Snapshot, save_snapshot
+from edm2.files.snapshot import Snapshot, check_network_fits, save_snapshot
 from edm2.networks.spec import NetworkSpec, build_network, network_spec
 from edm2.schedules import VE_SIGMA_MAX, VE_SIGMA_MIN, VP_BETA_D, VP_BETA_MIN, VP_EPSILON_T
 
@@ -89,9 +89,15 @@ def _spec_of(record: Record) -> NetworkSpec:
 
 
 def network_from_record(record: Record) -> tuple[NetworkSpec, dict[str, torch.Tensor]]:
-    """The spec of the network an official pickle records, and its weights loaded into our network (float32)."""
+    """The spec of the network an official pickle records, and its weights loaded into our network (float32). The
+    recorded arguments are checked against the recorded tensors' shapes before anything is allocated."""
     spec = _spec_of(record)
-    return spec, load_strict(build_network(spec), record.state_dict(), record.class_name)
+    state = record.state_dict()
+    try:
+        check_network_fits(spec, {k: tuple(v.shape) for k, v in state.items()})
+    except ValueError as e:
+        raise ValueError(f"{record.class_name}: {e}") from None
+    return spec, load_strict(build_network(spec), state, record.class_name)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -232,19 +238,21 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
-def snapshot_from_pickle(path: str | Path) -> Snapshot:
-    """An official network pickle as an edm2 `Snapshot` (in memory; nothing is written)."""
+def snapshot_from_pickle(path: str | Path, allow_nonfinite: bool = False) -> Snapshot:
+    """An official network pickle as an edm2 `Snapshot` (in memory; nothing is written). ValueError naming the
+    first tensor with NaN or Inf values, unless `allow_nonfinite` (then a `NonFiniteWarning`)."""
     c = convert_network_pickle(path)
-    return Snapshot(c.state_dict, c.network, c.sigma_rel, c.nimg, c.info, c.parameter_names, c.encoder)
+    snap = Snapshot(c.state_dict, c.network, c.sigma_rel, c.nimg, c.info, c.parameter_names, c.encoder)
+    return snap.check_finite(str(path), allow_nonfinite)
 
 
-def convert_pickle(src: str | Path, dest: str | Path) -> Snapshot:
+def convert_pickle(src: str | Path, dest: str | Path, allow_nonfinite: bool = False) -> Snapshot:
     """Convert an official network pickle into an edm2 snapshot file `dest` (written atomically, only after the
-    whole pickle has been read and checked)."""
+    whole pickle has been read and checked; non-finite weights are refused unless `allow_nonfinite`)."""
     dest = Path(dest)
     if dest.suffix != ".safetensors":
         raise ValueError(f"{dest}: the converted snapshot is a .safetensors file; name it so")
-    snap = snapshot_from_pickle(src)
+    snap = snapshot_from_pickle(src, allow_nonfinite)
     dest.parent.mkdir(parents=True, exist_ok=True)
     save_snapshot(dest, snap)
     return snap

@@ -14,10 +14,11 @@ from pathlib import Path
 import filelock
 import torch
 
-from edm2.files.base import load_tensors, save_tensors
+from edm2.files.base import TEMP_SUFFIX, load_tensors, save_tensors
 
 __all__ = ["OPTIONS_FILE", "LOG_FILE", "STATS_FILE", "LOCK_FILE", "KEEP_CHECKPOINTS", "checkpoint_filename",
-           "find_checkpoints", "save_training_state", "load_training_state", "RunLock", "check_run_folder"]
+           "find_checkpoints", "save_training_state", "load_training_state", "RunLock", "check_run_folder",
+           "discard_new_run"]
 
 OPTIONS_FILE = "training_options.json"
 LOG_FILE = "log.txt"
@@ -140,24 +141,59 @@ class RunLock:
         self.release()
 
 
-def check_run_folder(outdir: str | Path, identity: dict, added: dict | None = None) -> bool:
+def _shown(value: object) -> str:
+    """A recorded value in one short line."""
+    text = "absent" if value is None else json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _differences(old: object, new: object, name: str) -> list[str]:
+    """`name: old in the run, new now` for each differing value, nested dicts (the network, the dataset) by key."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = [*new, *(k for k in old if k not in new)]
+        return [line for k in keys if old.get(k) != new.get(k)
+                for line in _differences(old.get(k), new.get(k), f"{name}.{k}")]
+    return [f"{name} {_shown(old)} in the run, {_shown(new)} now"]
+
+
+def check_run_folder(outdir: str | Path, identity: dict, added: dict | None = None,
+                     options_that_may_change: tuple[str, ...] = ()) -> bool:
     """Whether `outdir` can hold the run whose identity (options that may not change on resume) is given:
     True when it already holds it (resume), False when it is absent or empty (new run). ValueError when it
-    holds another run, damaged options, or foreign files. `added`: identity keys that earlier releases did not
-    write, with the value such a run implied. Reads only."""
+    holds another run (naming each differing value, the run's and the new one), damaged options, or foreign
+    files. `added`: identity keys that earlier releases did not write, with the value such a run implied;
+    `options_that_may_change`: the options a resumed run may change, named in that error. Reads only."""
     outdir = Path(outdir)
     options = outdir / OPTIONS_FILE
     if options.is_file():
         try:
             old = json.loads(options.read_text())
-        except json.JSONDecodeError:
-            raise ValueError(f"{options} is damaged; use a new --outdir") from None
+        except ValueError:  # not JSON, not text
+            old = None
+        if not isinstance(old, dict):
+            raise ValueError(f"{options} is damaged (not the JSON object edm2 writes); use a new --outdir")
         old = {**(added or {}), **old}
-        diff = sorted(k for k in identity if old.get(k) != identity[k])
+        diff = [k for k in identity if old.get(k) != identity[k]]
         if diff:
-            raise ValueError(f"--outdir {outdir} holds a different run (differs in {', '.join(diff)}); "
-                             "use a new --outdir or the original options")
+            details = [line for k in diff for line in _differences(old.get(k), identity[k], k)]
+            more = f"; and {len(details) - 3} more" if len(details) > 3 else ""
+            free = ", ".join(options_that_may_change)
+            raise ValueError(f"--outdir {outdir} holds a different run (differs in {', '.join(diff)}: "
+                             f"{'; '.join(details[:3])}{more}); resume it with its own options"
+                             f"{f' (only {free} may change)' if free else ''} or use a new --outdir")
         return True
     if outdir.exists() and any(p.name != LOCK_FILE for p in outdir.iterdir()):
         raise ValueError(f"--outdir {outdir} is not empty and holds no edm2 run; choose a new or empty folder")
     return False
+
+
+def discard_new_run(outdir: str | Path) -> list[Path]:
+    """Remove what a new run wrote into `outdir` before its first checkpoint (options, log, statistics, snapshots,
+    temporaries), so that the folder holds no run and a corrected command starts afresh. Call it only while
+    holding the folder (`RunLock`) and only for a run that found it empty. Returns what was removed."""
+    outdir = Path(outdir)
+    names = (OPTIONS_FILE, LOG_FILE, STATS_FILE, "snapshot-*.safetensors", f".*{TEMP_SUFFIX}")
+    removed = sorted({p for name in names for p in outdir.glob(name) if p.name != LOCK_FILE})
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed

@@ -1,12 +1,14 @@
-"""Images to measure, read batch by batch: a folder or uncompressed zip of PNG/JPEG files (decoded on demand,
-in worker processes), or an in-memory dataset (`.npz`, `digits`). Batches are split over the processes of a
-torch.distributed group as the official metric script splits them."""
+"""Images to measure, read batch by batch: a folder or zip of PNG/JPEG files (decoded on demand, in worker
+processes), or an in-memory dataset (`.npz`, `digits`). Batches are split over the processes of a torch.distributed
+group as the official metric script splits them.
+
+Files are listed and decoded as every edm2 reader does (`edm2.data.archive.Archive`, `edm2.data.image_read`: 16-bit
+PNGs scaled to 8 bits, alpha dropped, palettes looked up) and measured as RGB: a grey image has three equal channels,
+which is what the feature networks make of a grey image anyway, so a folder mixing grey and colour images is
+measured consistently, each image by all its channels."""
 
 from __future__ import annotations
 
-import io
-import os
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,28 +16,21 @@ import numpy as np
 import torch
 
 from edm2.data import open_dataset
+from edm2.data.archive import Archive, is_image
+from edm2.data.image_read import read_image
 from edm2.runtime import rank_batches
 
 __all__ = ["ImageFiles", "ArrayImages", "open_images", "rank_batches", "iterate_batches"]
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg"}
-
 
 class ImageFiles(torch.utils.data.Dataset):
-    """PNG/JPEG files of a folder (recursively) or an uncompressed zip, in sorted order, all of one size."""
+    """The images of a folder (recursively, hidden files left out) or a zip, in sorted order, all of one size,
+    read as RGB uint8 [3, H, W]."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._zip: tuple[int, zipfile.ZipFile] | None = None
-        if self.path.is_dir():
-            self.names = sorted(p.relative_to(self.path).as_posix() for p in self.path.rglob("*")
-                                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        else:
-            try:
-                with zipfile.ZipFile(self.path) as z:
-                    self.names = sorted(n for n in z.namelist() if Path(n).suffix.lower() in IMAGE_EXTENSIONS)
-            except (zipfile.BadZipFile, OSError) as e:
-                raise ValueError(f"{self.path}: not a readable zip file ({e})") from None
+        self.archive = Archive(self.path)
+        self.names = [n for n in self.archive.names if is_image(n)]
         if not self.names:
             raise ValueError(f"{self.path}: no PNG or JPEG images found")
         first = self._decode(0)
@@ -50,33 +45,22 @@ class ImageFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.names)
 
-    def _bytes(self, name: str) -> bytes:
-        if self.path.is_dir():
-            return (self.path / name).read_bytes()
-        if self._zip is None or self._zip[0] != os.getpid():  # one handle per (worker) process
-            self._zip = (os.getpid(), zipfile.ZipFile(self.path))
-        return self._zip[1].read(name)
-
     def _decode(self, i: int) -> np.ndarray | str:
-        """uint8 [C, H, W] (C = 1 or 3), or the error as text (worker exceptions would lose the one line)."""
-        from PIL import Image
-
+        """uint8 [3, H, W], or the error as text (worker exceptions would lose the one line)."""
         name = self.names[i]
         try:
-            with Image.open(io.BytesIO(self._bytes(name))) as img:
-                arr = np.asarray(img.convert("L" if img.mode in ("L", "I;16", "1") else "RGB"))
-        except Exception as e:  # noqa: BLE001 - any decoder error is a bad image
-            return f"{self.path}/{name}: not a readable image ({type(e).__name__}: {e})"
-        return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+            return read_image(self.archive.read(name), self.archive.where(name), channels=3).transpose(2, 0, 1)
+        except ValueError as e:
+            return str(e)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray | None, str]:
         arr = self._decode(i)
         if isinstance(arr, str):
             return None, arr
-        if arr.shape[1:] != self.shape[1:]:
+        if arr.shape != self.shape:
             return None, (f"{self.path}/{self.names[i]} is {arr.shape[2]}x{arr.shape[1]}, the first image "
                           f"{self.shape[2]}x{self.shape[1]}; all images must have one size")
-        return (arr if arr.shape[0] == self.shape[0] else np.broadcast_to(arr[:1], self.shape).copy()), ""
+        return arr, ""
 
 
 class ArrayImages(torch.utils.data.Dataset):

@@ -139,12 +139,18 @@ def compare(stats: dict[str, MetricStats], reference: Reference, k: int = 3) -> 
     return out
 
 
+MAX_IMAGES = 10**7  # images of one evaluation command (the paper's 3 x 50,000 is far below)
+
+
 def seed_repeats(seeds: Sequence[int], repeats: int, stride: int | None = None) -> list[list[int]]:
     """Seed lists of `repeats` evaluations: `seeds`, then `seeds` shifted by `stride`, 2 `stride`, ... (default:
     the span of `seeds`, so that the ranges are disjoint). ValueError when seeds repeat within or across them."""
     seeds = list(seeds)
     if repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {repeats}")
+    if repeats * len(seeds) > MAX_IMAGES:
+        raise ValueError(f"--repeats {repeats} x {len(seeds)} seeds is more than {MAX_IMAGES} images in one "
+                         "command; split the evaluation")
     if len(set(seeds)) != len(seeds):
         raise ValueError("--seeds lists a seed twice; every image of an evaluation needs its own seed")
     stride = (max(seeds) - min(seeds) + 1) if stride is None else stride

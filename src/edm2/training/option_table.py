@@ -5,14 +5,17 @@ spellings, and `edm2 train` (edm2.cli.train) builds its options from them."""
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field
 from typing import Any
 
+from edm2.ema.power import MAX_SIGMA_REL
 from edm2.networks import PRECISIONS
 from edm2.presets import EDM_ARCHS, EDM_PRECONDS, SNAPSHOT_DTYPES, Preset
 from edm2.training import recipes
 
-__all__ = ["Option", "option_fields", "TrainOptions", "SCHEDULE_RULES"]
+__all__ = ["Option", "option_fields", "TrainOptions", "SCHEDULE_RULES", "RANGES", "check_value", "check_options"]
 
 SCHEDULE_RULES = ("follow", "preset")  # --schedule: the schedule follows the run's duration, or stays the preset's
 
@@ -132,3 +135,54 @@ class TrainOptions:
 def option_fields() -> tuple[dataclasses.Field, ...]:
     """The fields of `TrainOptions` in order, each with its `Option` in `metadata['option']`."""
     return dataclasses.fields(TrainOptions)
+
+
+# ----------------------------------------------------------------------------------------------------
+# What each numeric option takes: checked (finite, in range) before a run touches its folder. Resolved values
+# (from the preset or the run being resumed) go through the same checks under the same names.
+
+_Range = tuple[Callable[[float], bool], str]
+_POSITIVE_NIMG: _Range = (lambda v: v > 0, "a positive number of images (e.g. 2Ki)")
+RANGES: dict[str, _Range] = {
+    "duration": _POSITIVE_NIMG, "batch": _POSITIVE_NIMG, "batch_gpu": _POSITIVE_NIMG, "status": _POSITIVE_NIMG,
+    "snapshot": _POSITIVE_NIMG, "checkpoint": _POSITIVE_NIMG,
+    "budget": (lambda v: v > 0, "a positive time (e.g. 15min)"),
+    "rampup": (lambda v: v >= 0, "0 (no warm-up) or a positive number of images"),
+    "channels": (lambda v: v >= 1, "a positive number of channels"),
+    "channel_mult": (lambda v: v >= 1, "positive channel multipliers (e.g. 1,2,2,2)"),
+    "lr": (lambda v: v > 0, "positive (a learning rate such as 0.01)"),
+    "decay": (lambda v: v >= 0, "0 (no decay) or a positive number of batches"),
+    "dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "P_mean": (lambda v: True, "a finite number"),
+    "P_std": (lambda v: v > 0, "positive (a standard deviation of ln(sigma))"),
+    "ema_stds": (lambda v: 0 < v < MAX_SIGMA_REL, f"EMA lengths in (0, {MAX_SIGMA_REL:.4f}) (e.g. 0.05,0.10)"),
+    "seed": (lambda v: 0 <= v < 2**63, "a whole number in [0, 2^63)"),
+    "ls": (lambda v: v > 0, "a positive loss scale"),
+    "augment": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "ema": (lambda v: v >= 0, "a half-life in Mimg, 0 or more"),
+    "max_size": (lambda v: v >= 1, "a positive number of items"),
+    "workers": (lambda v: v >= 0, "0 or more processes"),
+}
+
+
+def check_value(name: str, value: Any) -> None:
+    """ValueError, one line naming the option and what it takes, when `value` (a number, or for the list options
+    a sequence of numbers) is not finite, not whole for an option of whole numbers, or outside what the option
+    `name` (a `TrainOptions` field) takes."""
+    good, takes = RANGES[name]
+    kind = {f.name: f.metadata["option"].kind for f in option_fields()}[name]
+    whole = kind in (int, "nimg", "ints", "count")
+    values = list(value) if isinstance(value, (tuple, list)) else [value]
+    for v in values:
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if not (number and math.isfinite(v) and (not whole or v == int(v)) and good(v)):
+            shown = ",".join(map(str, values)) if isinstance(value, (tuple, list)) else str(value)
+            raise ValueError(f"{Option('').spelling(name)} must be {takes}, got {shown}")
+
+
+def check_options(opts: TrainOptions) -> None:
+    """Check every numeric option the user gave (`RANGES`); ValueError naming the first one out of range."""
+    for f in option_fields():
+        value = getattr(opts, f.name)
+        if value is not None and f.name in RANGES:
+            check_value(f.name, value)

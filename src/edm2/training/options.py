@@ -11,10 +11,11 @@ from edm2 import runtime
 from edm2.data.encoders import Encoder, encoder_from_dict
 from edm2.data.folder import ImageFolderDataset
 from edm2.data.latent_stats import load_latent_stats
+from edm2.files.snapshot import snapshot_filename
 from edm2.networks.spec import EDMNetworkConfig, NetworkConfig, NetworkSpec
 from edm2.presets import PRESETS, SNAPSHOT_DTYPES, EDMRecipe, Preset, edm_train_preset, get_preset, network_at
 from edm2.training import recipes
-from edm2.training.option_table import Option, TrainOptions, option_fields
+from edm2.training.option_table import Option, TrainOptions, check_options, check_value, option_fields
 from edm2.training.transfer import transfer_network
 
 __all__ = ["Option", "option_fields", "TrainOptions", "RunConfig", "resolve_run", "resolve_encoder"]
@@ -122,8 +123,8 @@ def _duration(opts: TrainOptions, preset: Preset, plan: recipes.BudgetPlan | Non
 
 def _batches(opts: TrainOptions, preset_batch: int, world: int) -> tuple[int, int]:
     """(global batch, micro-batch per process)."""
-    batch = opts.batch or preset_batch
-    batch_gpu = opts.batch_gpu or batch // world
+    batch = preset_batch if opts.batch is None else opts.batch  # 0 is the user's value (refused), not "unset"
+    batch_gpu = batch // world if opts.batch_gpu is None else opts.batch_gpu
     if batch > 0 and batch % world != 0:
         raise ValueError(f"--batch {batch} cannot be split over {world} processes; use a number of processes that "
                          "divides it")
@@ -138,7 +139,9 @@ def resolve_run(opts: TrainOptions, dataset, world: int | None = None, plan: rec
     """Combine options, preset and dataset into a RunConfig; ValueError for inconsistent requests.
     `world` is the number of processes (default: that of the current process group). With a `--budget`, `plan`
     fixes the duration (without one, the preset's duration stands in, for measuring the throughput); `previous`
-    (the training_options.json of the run being resumed) keeps the schedule that run derived."""
+    (the training_options.json of the run being resumed) keeps the schedule that run derived. Every numeric value
+    is checked (finite, in range: `option_table.RANGES`), the user's before anything else."""
+    check_options(opts)
     device = runtime.resolve_device(opts.device)
     raw_encoder = encoder_from_dict(dataset.encoder)
     preset, preset_setting = _preset(opts, dataset, raw_encoder.network_channels(dataset.channels), device)
@@ -175,6 +178,7 @@ def resolve_run(opts: TrainOptions, dataset, world: int | None = None, plan: rec
         transfer=opts.transfer,
     )
     _check(run, provenance)
+    check_memory(run.network, len(run.ema_stds) + (run.edm is not None))
     return run
 
 
@@ -247,18 +251,36 @@ def _workers(opts: TrainOptions, dataset) -> int:
     return workers
 
 
+def check_memory(network: NetworkSpec, averages: int) -> None:
+    """ValueError when training the network would need more memory than this machine has: its parameters (counted
+    on the meta device, nothing allocated) times weights, gradients, Adam's two moments and the EMA copies."""
+    import os
+
+    import torch
+
+    from edm2.networks.spec import build_network
+
+    with torch.device("meta"):
+        count = sum(p.numel() for p in build_network(network).parameters())
+    needed = count * 4 * (4 + averages)
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if needed > memory:
+        raise ValueError(f"the network has {count:.3g} parameters: training it needs about {needed / 2**30:.3g} GiB "
+                         f"(weights, gradients, Adam, {averages} average(s)), more than this machine's "
+                         f"{memory / 2**30:.3g} GiB; choose a smaller --channels or --preset")
+
+
 def _check(run: RunConfig, provenance: dict) -> None:
-    for name in ("status", "snapshot", "checkpoint"):
-        if getattr(run, name) <= 0:
-            raise ValueError(f"--{name} must be a positive number of images, got {getattr(run, name)}")
-    if run.lr <= 0 or run.P_std <= 0:
-        raise ValueError(f"--lr and --P-std must be positive, got lr={run.lr}, P_std={run.P_std}")
-    if not run.loss_scaling > 0:
-        raise ValueError(f"--ls must be a positive loss scale, got {run.loss_scaling}")
+    """The resolved values (the user's, the preset's or the resumed run's) in range, as the options are."""
+    for name in ("status", "snapshot", "checkpoint", "lr", "decay", "P_mean", "P_std", "dropout"):
+        check_value(name, provenance[name].value)
+    check_value("ls", run.loss_scaling)
+    check_value("rampup", provenance["rampup"].value)
     if run.snapshot_dtype not in SNAPSHOT_DTYPES:
         raise ValueError(f"--snapshot-dtype is one of {', '.join(SNAPSHOT_DTYPES)}, got {run.snapshot_dtype!r}")
-    if run.decay < 0 or run.rampup_Mimg < 0:
-        raise ValueError(f"--decay and --rampup must not be negative, got {run.decay} and {provenance['rampup'].value}")
     rampup = provenance["rampup"]
     # A user's explicit --rampup stands (with a note), and so does the EDM (2022) recipe's fixed 10 Mimg warm-up, as
     # in the official code; a warm-up this code derived or kept must fit.
@@ -268,6 +290,10 @@ def _check(run: RunConfig, provenance: dict) -> None:
                          "--rampup or a longer --duration")
     if run.edm is None and not run.ema_stds:
         raise ValueError("--ema-stds is empty; an EDM2 run tracks at least one power-function EMA (e.g. 0.05,0.10)")
+    check_value("ema_stds", run.ema_stds)
+    if len({snapshot_filename(0, s) for s in run.ema_stds}) != len(run.ema_stds):
+        raise ValueError(f"--ema-stds {','.join(map(str, run.ema_stds))} has lengths equal at 3 decimals (their "
+                         "snapshot files would collide); give each length once")
 
 
 def _resolve_edm(preset: Preset, opts: TrainOptions) -> EDMRecipe | None:

@@ -32,7 +32,7 @@ from edm2.training.options import RunConfig
 from edm2.training.transfer import load_transfer_weights
 
 __all__ = ["learning_rate_schedule", "make_adam", "sanitize_gradients", "optimizer_step", "ADAM_BETAS", "ADAM_EPS",
-           "NONFINITE_EDM2", "NONFINITE_EDM", "step_seed", "Trainer", "setup", "train_step"]
+           "NONFINITE_EDM2", "NONFINITE_EDM", "step_seed", "Trainer", "setup", "train_step", "all_finite"]
 
 ADAM_BETAS = (0.9, 0.99)
 ADAM_EPS = 1e-8
@@ -214,3 +214,16 @@ def train_step(t: Trainer, cur_nimg: int,
     inf = NONFINITE_EDM2 if run.edm is None else NONFINITE_EDM
     optimizer_step(t.optimizer, list(t.net.parameters()), t.scaler, inf)
     return loss_sum / run.batch, lr
+
+
+@torch.no_grad()
+def all_finite(t: Trainer, loss: torch.Tensor) -> bool:
+    """Whether `loss` (this process's losses of the steps since the last look, summed) and every weight of the
+    network are finite, in every process: the largest magnitude of each weight tensor in one fused call and one
+    wait for the device (an all-reduce with several processes). Non-finite weights stay non-finite under Adam, so
+    looking before each write is enough to keep them out of every checkpoint and snapshot."""
+    peaks = torch.stack(torch._foreach_norm(list(t.net.parameters()), float("inf")))
+    ok = (torch.isfinite(peaks).all() & torch.isfinite(loss)).to(torch.int32)
+    if world_info()[1] > 1:
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return bool(ok)
