@@ -78,14 +78,15 @@ def captured(monkeypatch, files) -> list[dict]:
 SCRIPTS = {"generate_images.py": ["generate"], "generate.py": ["generate"],
            "calculate_metrics.py": ["metrics"]}
 
-# (official command line, the same in our spelling); {net} an EDM2 network, {edm} and {adm} EDM-release networks.
+# (official command line, the same in our spelling); {net} an EDM2 network (unconditional), {edm} and {adm}
+# EDM-release networks ({edm} class-conditional: line 1 fixes a class).
 SPELLINGS = [
     ("python generate_images.py --net={net} --outdir={out} --subdirs --seeds=0-49999",
      "generate --net {net} --outdir {out} --subdirs --seeds 0-49999 --steps 32"),
-    ("python generate_images.py --net={net} --gnet={net} --guidance=1.4 --outdir={out} --seeds=16-19 --class=3 "
+    ("python generate_images.py --net={edm} --gnet={edm} --guidance=1.4 --outdir={out} --seeds=16-19 --class=3 "
      "--batch=8 --steps=24 --sigma_min=0.003 --sigma_max=70 --rho=5 --S_churn=10 --S_min=0.05 --S_max=50 "
      "--S_noise=1.003",
-     "generate --net {net} --gnet {net} --guidance 1.4 --outdir {out} --seeds 16-19 --class 3 --batch 8 --steps 24 "
+     "generate --net {edm} --gnet {edm} --guidance 1.4 --outdir {out} --seeds 16-19 --class 3 --batch 8 --steps 24 "
      "--sigma-min 0.003 --sigma-max 70 --rho 5 --S-churn 10 --S-min 0.05 --S-max 50 --S-noise 1.003"),
     ("python generate.py --outdir={out} --seeds=0-63 --batch=64 --network={edm}",
      "generate --net {edm} --outdir {out} --seeds 0-63 --batch 64 --steps 18"),

@@ -79,7 +79,7 @@ def save_png(path: str | Path, image: torch.Tensor) -> None:
 
     arr = (image if image.dtype == torch.uint8 else to_uint8(image)).permute(1, 2, 0).cpu().numpy()
     img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr[:, :, :3])
-    with atomic_output(path) as tmp:
+    with atomic_output(path, clean_stale=False) as tmp:
         img.save(tmp, format="PNG")
 
 

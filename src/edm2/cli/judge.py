@@ -26,12 +26,16 @@ def judge_train(data, out_path, images, seed) -> None:
     from tqdm import tqdm
 
     from edm2.data import open_dataset
-    from edm2.metrics.judge import train_judge
+    from edm2.metrics.judge import Judge, train_judge
 
     if images < 1:
         raise ValueError(f"--images must be positive, got {images}")
+    request = {"data": str(data), "images": images, "seed": seed}
     if Path(out_path).exists():
-        raise ValueError(f"{out_path} exists; remove it or choose another --out")
+        if Judge.load(out_path).info.get("request") == request:  # a rerun of the same command: done already
+            click.echo(f"{out_path} holds the judge of this command already (same data, images and seed)")
+            return
+        raise ValueError(f"{out_path} exists (another judge); remove it or choose another --out")
     dataset = open_dataset(data)
     bar = None
 
@@ -46,6 +50,7 @@ def judge_train(data, out_path, images, seed) -> None:
         if bar is not None:
             bar.close()
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    result.info["request"] = request
     result.save(out_path)
     click.echo(f"judge of {dataset.name} ({len(dataset)} images, {dataset.num_classes} classes): held-out accuracy "
                f"{100 * result.real_accuracy:.1f} % on {len(result.real_features)} images -> {out_path}")

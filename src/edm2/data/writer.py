@@ -200,7 +200,7 @@ class DatasetWriter:
         else:
             path = self.dest / name
             path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_output(path) as tmp:
+            with atomic_output(path, clean_stale=False) as tmp:
                 tmp.write_bytes(data)
                 _readable(tmp)
         self.done.add(name)

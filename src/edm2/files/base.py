@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import tempfile
@@ -86,11 +87,15 @@ def _release(fd: int) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
+def atomic_output(path: str | Path, clean_stale: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `path` to write to; when the block ends without error the file is synced
     and renamed over `path`, otherwise removed. Readers see either the old or the complete new file. A full disk
-    is an OSError naming `path` ("no space left on device"); nothing is left behind."""
+    is an OSError naming `path` ("no space left on device"); nothing is left behind. `clean_stale` first removes
+    the temporaries a killed writer of `path` left (a scan of the folder: writers of many files in one folder
+    pass False and clean once, `remove_stale_temps`)."""
     path = Path(path)
+    if clean_stale and path.parent.is_dir():
+        remove_stale_temps(path.parent, glob.escape(path.name))
     try:
         fd, tmp = _locked_temp(path)
     except OSError as e:

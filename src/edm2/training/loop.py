@@ -45,7 +45,7 @@ from edm2.runtime import (
 )
 from edm2.training.budget import plan_budget
 from edm2.training.option_table import Option
-from edm2.training.options import RunConfig, TrainOptions, resolve_run
+from edm2.training.options import RunConfig, TrainOptions, check_memory, resolve_run
 from edm2.training.recipes import budget_clock, describe
 from edm2.training.runlog import RunLog
 from edm2.training.step import Trainer, all_finite, setup, train_step
@@ -257,6 +257,7 @@ def train(opts: TrainOptions, progress: bool = True, max_steps: int | None = Non
     plan = None if opts.budget is None else plan_budget(opts, dataset, previous, started)
     run = resolve_run(opts, dataset, world, plan, previous)
     device = resolve_device(opts.device)
+    check_memory(run, device)  # before the folder is touched
 
     def closing() -> str | None:
         if opts.budget is None:

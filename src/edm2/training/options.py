@@ -178,7 +178,6 @@ def resolve_run(opts: TrainOptions, dataset, world: int | None = None, plan: rec
         transfer=opts.transfer,
     )
     _check(run, provenance)
-    check_memory(run.network, len(run.ema_stds) + (run.edm is not None))
     return run
 
 
@@ -251,9 +250,10 @@ def _workers(opts: TrainOptions, dataset) -> int:
     return workers
 
 
-def check_memory(network: NetworkSpec, averages: int) -> None:
-    """ValueError when training the network would need more memory than this machine has: its parameters (counted
-    on the meta device, nothing allocated) times weights, gradients, Adam's two moments and the EMA copies."""
+def check_memory(run: RunConfig, device) -> None:
+    """ValueError when training the run's network on `device` would need more memory than the device has (host
+    memory for the CPU, the GPU's own for CUDA): its parameters (counted on the meta device, nothing allocated)
+    times weights, gradients, Adam's two moments and the EMA copies (kept on the host)."""
     import os
 
     import torch
@@ -261,16 +261,18 @@ def check_memory(network: NetworkSpec, averages: int) -> None:
     from edm2.networks.spec import build_network
 
     with torch.device("meta"):
-        count = sum(p.numel() for p in build_network(network).parameters())
-    needed = count * 4 * (4 + averages)
+        count = sum(p.numel() for p in build_network(run.network).parameters())
+    averages = len(run.ema_stds) + (run.edm is not None)
+    needed = count * 4 * (4 + (averages if torch.device(device).type == "cpu" else 0))
     try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
+        memory = torch.cuda.get_device_properties(device).total_memory if torch.device(device).type == "cuda" \
+            else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError, RuntimeError):
         return
     if needed > memory:
         raise ValueError(f"the network has {count:.3g} parameters: training it needs about {needed / 2**30:.3g} GiB "
-                         f"(weights, gradients, Adam, {averages} average(s)), more than this machine's "
-                         f"{memory / 2**30:.3g} GiB; choose a smaller --channels or --preset")
+                         f"(weights, gradients, Adam{f', {averages} average(s)' if averages else ''}), more than "
+                         f"the {memory / 2**30:.3g} GiB of {device}; choose a smaller --channels or --preset")
 
 
 def _check(run: RunConfig, provenance: dict) -> None:
