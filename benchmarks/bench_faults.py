@@ -1,7 +1,7 @@
-"""Writers under SIGKILL: for each writer (train, generate, reconstruct, dataset convert, metrics ref, judge train,
-ema-sweep), kill it at seeded random points and rerun; count the points tried and survived (the rerun equals an
-uninterrupted run and leaves no temporary) and time the finishing run. Also counts the rows of the bad-input
-matrix (tests/test_bad_input.py) per command. Prints one JSON document.
+"""Writers under SIGKILL: for each writer (train, generate, reconstruct, dataset convert/encode/decode, metrics ref,
+judge train, ema-sweep, guidance-sweep, toy train), kill it at seeded random points and rerun; count the points
+tried and survived (the rerun equals an uninterrupted run and leaves no temporary) and time the finishing run. Also
+counts the rows of the bad-input matrix (tests/test_bad_input.py) per command. Prints one JSON document.
 
     python benchmarks/bench_faults.py [--points 6] [--seed 0] [--workdir DIR] [--writers train,generate]
 
@@ -25,7 +25,16 @@ from _shared import log, machine_info
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))
 
-from fault_harness import NAMES, kill_then_finish, make_inputs, run, writers  # noqa: E402
+from fault_harness import (  # noqa: E402
+    LATENT_NAMES,
+    NAMES,
+    kill_then_finish,
+    latent_writers,
+    make_inputs,
+    make_latent_inputs,
+    run,
+    writers,
+)
 
 
 def bench_writer(name: str, writer, workdir: Path, points: int, rng: random.Random) -> dict:
@@ -58,17 +67,18 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path)
-    parser.add_argument("--writers", default=",".join(NAMES))
+    parser.add_argument("--writers", default=",".join(NAMES + LATENT_NAMES))
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-faults-"))
     start = time.perf_counter()
-    inputs = make_inputs(workdir / "inputs")
+    inputs = make_latent_inputs(workdir / "inputs", make_inputs(workdir / "inputs"))
+    every = {**writers(inputs), **latent_writers(inputs)}
     rng = random.Random(args.seed)
     result = {"benchmark": "faults", "machine": machine_info(["cpu"]), "points_per_writer": args.points,
               "seed": args.seed, "writers": {}}
     for name in args.writers.split(","):
         log(f"{name} ...")
-        result["writers"][name] = bench_writer(name, writers(inputs)[name], workdir / name.replace(" ", "-"),
+        result["writers"][name] = bench_writer(name, every[name], workdir / name.replace(" ", "-"),
                                                args.points, rng)
     from test_bad_input import ROWS
 

@@ -85,12 +85,12 @@ def temps(out: Path) -> list[Path]:
 def kill_then_finish(writer: Writer, out: Path, mode: str = "none", n: int = 0,
                      kill_after: float | None = None, reruns: int = 3) -> dict:
     """Kill the writer (at the n-th os.<mode> call, or after `kill_after` seconds), then rerun the same command
-    until it succeeds (at most `reruns` times). Returns what happened, the digest of the result, the temporaries
-    left, and the seconds of the finishing run."""
-    code, err, _ = run(writer, out, mode, n, kill_after)
+    until it succeeds (at most `reruns` times); a writer that ended before the point is not run again. Returns
+    what happened, the digest of the result, the temporaries left, and the seconds of the finishing run."""
+    code, err, seconds = run(writer, out, mode, n, kill_after)
     killed = code == -signal.SIGKILL
-    finished, seconds = None, 0.0
-    for _ in range(reruns):
+    finished = code if not killed else None  # not killed (it ended before the point): its own result counts
+    for _ in range(reruns if killed else 0):
         finished, err, seconds = run(writer, out)
         if finished == 0:
             break
@@ -179,7 +179,25 @@ def make_inputs(root: Path) -> dict[str, Path]:
     det.mkdir()
     write_small_dinov2(det)
     snap = sorted((root / "run").glob("snapshot-*-0.100.safetensors"))[-1]
-    return {"run": root / "run", "snap": snap, "images": images, "det": det}
+    guide = sorted((root / "run").glob("snapshot-*-0.050.safetensors"))[0]
+    return {"run": root / "run", "snap": snap, "guide": guide, "images": images, "det": det}
+
+
+def make_latent_inputs(root: Path, inputs: dict[str, Path]) -> dict[str, Path]:
+    """A tiny random VAE (no download), the images as a pixel zip and that zip encoded to latents."""
+    from click.testing import CliRunner
+    from conftest import save_tiny_vae
+
+    from edm2.cli import main
+
+    vae = save_tiny_vae(root / "vae")
+    pixels, latents = root / "pixels.zip", root / "latents.zip"
+    for args in (["dataset", "convert", "--source", inputs["images"], "--dest", pixels],
+                 ["dataset", "encode", "--source", pixels, "--dest", latents, "--vae", vae, "--device", "cpu",
+                  "--workers", 0]):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+    return {**inputs, "vae": vae, "pixels": pixels, "latents": latents}
 
 
 def writers(i: dict[str, Path]) -> dict[str, Writer]:
@@ -208,7 +226,28 @@ def writers(i: dict[str, Path]) -> dict[str, Writer]:
         "ema-sweep": Writer("sweep", lambda o: ["ema-sweep", "--run", i["run"], "--outdir", o / "sw", "--std",
                                                 "0.05,0.10", "--samples", 20, "--steps", 3, "--device", "cpu"],
                             lambda o: json_values(o / "sw" / "ema_sweep.json", ("sigma_rel", "fd", "accuracy"))),
+        "guidance-sweep": Writer("gsweep", lambda o: ["guidance-sweep", "--net", i["snap"], "--gnet", i["guide"],
+                                                      "--guidance", "1,2", "--samples", 20, "--steps", 3,
+                                                      "--outdir", o / "gs", "--device", "cpu"],
+                                 lambda o: json_values(o / "gs" / "guidance_sweep.json", ("guide", "weight", "fd"))),
+        "toy train": Writer("toy", lambda o: ["toy", "train", "--outdir", o / "toy", "--fast", "--steps", 60],
+                            lambda o: tensors_digest(o, "*.safetensors")),
     }
 
 
-NAMES = ["train", "generate", "reconstruct", "dataset convert", "metrics ref", "judge train", "ema-sweep"]
+def latent_writers(i: dict[str, Path]) -> dict[str, Writer]:
+    """The writers that need the tiny VAE (`make_latent_inputs`)."""
+    return {
+        "dataset encode": Writer("encode", lambda o: ["dataset", "encode", "--source", i["pixels"], "--dest",
+                                                      o / "lat.zip", "--vae", i["vae"], "--device", "cpu",
+                                                      "--workers", 0, "--batch", 8],
+                                 lambda o: zip_digest(o / "lat.zip")),
+        "dataset decode": Writer("decode", lambda o: ["dataset", "decode", "--source", i["latents"], "--dest",
+                                                      o / "dec", "--device", "cpu", "--workers", 0],
+                                 lambda o: files_digest(o / "dec", "*")),
+    }
+
+
+NAMES = ["train", "generate", "reconstruct", "dataset convert", "metrics ref", "judge train", "ema-sweep",
+         "guidance-sweep", "toy train"]
+LATENT_NAMES = ["dataset encode", "dataset decode"]

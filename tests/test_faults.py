@@ -14,7 +14,19 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from fault_harness import NAMES, Writer, kill_then_finish, make_inputs, run, stats_counts, temps, writers
+from fault_harness import (
+    LATENT_NAMES,
+    NAMES,
+    Writer,
+    kill_then_finish,
+    latent_writers,
+    make_inputs,
+    make_latent_inputs,
+    run,
+    stats_counts,
+    temps,
+    writers,
+)
 
 from edm2.cli import main
 
@@ -23,14 +35,22 @@ SEED = 1234
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
-    return make_inputs(tmp_path_factory.mktemp("fault-inputs"))
+    root = tmp_path_factory.mktemp("fault-inputs")
+    return make_latent_inputs(root, make_inputs(root))
+
+
+def every_writer(inputs: dict[str, Path]) -> dict[str, Writer]:
+    return {**writers(inputs), **latent_writers(inputs)}
+
+
+ALL = NAMES + LATENT_NAMES
 
 
 @pytest.fixture(scope="module")
 def references(inputs, tmp_path_factory) -> dict[str, dict]:
     """Each writer's uninterrupted result and its wall time."""
     result = {}
-    for name, w in writers(inputs).items():
+    for name, w in every_writer(inputs).items():
         out = tmp_path_factory.mktemp("ref")
         code, err, seconds = run(w, out)
         assert code == 0, f"{name}: {err}"
@@ -38,9 +58,9 @@ def references(inputs, tmp_path_factory) -> dict[str, dict]:
     return result
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ALL)
 def test_sigkill_inside_a_temporary_write_then_rerun(name, inputs, references, tmp_path):
-    w = writers(inputs)[name]
+    w = every_writer(inputs)[name]
     rng = random.Random(f"{SEED}-{name}")
     mode, n = rng.choice([("fsync", 1), ("replace", 1), ("fsync", 2), ("replace", 2)])
     r = kill_then_finish(w, tmp_path / "out", mode, n)
@@ -49,9 +69,9 @@ def test_sigkill_inside_a_temporary_write_then_rerun(name, inputs, references, t
     assert r["temps"] == []
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ALL)
 def test_sigkill_at_a_random_moment_then_rerun(name, inputs, references, tmp_path):
-    w = writers(inputs)[name]
+    w = every_writer(inputs)[name]
     total = references[name]["seconds"]
     kill_after = random.Random(f"{SEED}-t-{name}").uniform(0.3 * total, 0.95 * total)
     r = kill_then_finish(w, tmp_path / "out", kill_after=kill_after)
@@ -71,9 +91,9 @@ def _full_disk(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ALL)
 def test_a_full_disk_is_one_line_and_leaves_no_temporary(name, inputs, tmp_path, monkeypatch):
-    w = writers(inputs)[name]
+    w = every_writer(inputs)[name]
     out = tmp_path / "out"
     monkeypatch.setattr(os, "fsync", _full_disk)  # the atomic writer syncs every file before renaming it
     result = CliRunner().invoke(main, [str(a) for a in w.argv(out)])

@@ -78,3 +78,32 @@ def test_cli_bad_requests_are_one_line(runs, tmp_path, extra, needle):
     result = invoke("guidance-sweep", "--net", last_snapshot(runs[0]), "--outdir", tmp_path / "o",
                     "--samples", 4, "--steps", 2, *extra)
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1 and needle in result.output
+
+
+def test_frechet_scores_against_a_reference_for_an_unconditional_model(tmp_path):
+    """--ref: FD_DINOv2 (small random DINOv2 weights) of an unconditional model; a model guiding itself is the
+    baseline at every weight, another guide moves the distance."""
+    from detector_weights import write_small_dinov2
+
+    pickles = Path(__file__).parent / "data" / "official_pickles"
+    det = tmp_path / "det"
+    write_small_dinov2(det)
+    net = tmp_path / "net.safetensors"
+    assert invoke("convert", pickles / "edm2_pixel.pkl", net).exit_code == 0
+    assert invoke("generate", "--net", net, "--seeds", "100-111", "--steps", 4, "--outdir", tmp_path / "img",
+                  "--device", "cpu").exit_code == 0
+    assert invoke("metrics", "ref", "--data", tmp_path / "img", "--dest", tmp_path / "ref.npz", "--metrics",
+                  "fd_dinov2", "--detector-dir", det, "--device", "cpu", "--workers", 0).exit_code == 0
+    result = invoke("guidance-sweep", "--net", net, "--gnet", net, "--gnet", pickles / "edm_vp.pkl", "--guidance",
+                    "1,2", "--samples", 8, "--steps", 3, "--ref", tmp_path / "ref.npz", "--detector-dir", det,
+                    "--outdir", tmp_path / "sweep", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    table = json.loads((tmp_path / "sweep" / "guidance_sweep.json").read_text())
+    assert table["key"] == "fd_dinov2"
+    rows = {(r["guide"], r["weight"]): r["fd_dinov2"] for r in table["rows"]}
+    base = table["baseline"]["fd_dinov2"]
+    assert rows[("net", 2.0)] == pytest.approx(base, rel=1e-5) and rows[("net", 1.0)] == base
+    assert rows[("edm_vp", 2.0)] != pytest.approx(base, rel=1e-3)
+    mixed = invoke("guidance-sweep", "--net", net, "--gnet", net, "--ref", tmp_path / "ref.npz", "--judge", "j",
+                   "--outdir", tmp_path / "x")
+    assert mixed.exit_code == 2 and "--judge and --data" in mixed.output

@@ -30,16 +30,23 @@ from edm2.cli.params import FLOATS, INTERVAL, parse_std_list
               help="Judge file (`edm2 judge train`).  [default: the digits judge for digits models, else "
                    "OUTDIR/judge.safetensors, trained on the model's dataset on first use]")
 @click.option("--data", help="Dataset to train the judge on.  [default: the model's]")
+@click.option("--ref", "ref_path", help="Reference statistics (`edm2 metrics ref`, official .pkl/.npz, or a URL): "
+                                       "score by FID / FD_DINOv2 instead of a judge (also unconditional models).")
+@click.option("--metrics", "metric_list", help="With --ref: comma list of fid, fd_dinov2; the first is optimized.  "
+                                               "[default: those in --ref]")
+@click.option("--detector-dir", type=click.Path(file_okay=False),
+              help="With --ref: folder of the feature networks' weights.  [default: $EDM2_DETECTOR_DIR, else the "
+                   "download cache]")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto.")
 @friendly_errors
 def guidance_sweep(net_path, gnet_paths, guide_run, guide_std, weights, interval, outdir, samples, steps,
-                   judge_path, data, device) -> None:
+                   judge_path, data, ref_path, metric_list, detector_dir, device) -> None:
     """Sample quality against guidance weight, one curve per guide (the autoguidance study): class accuracy
-    and Frechet distance in a judge's features for a class-conditional model; table and plot in OUTDIR."""
+    and Frechet distance in a judge's features for a class-conditional model, or FID / FD_DINOv2 against
+    --ref; table and plot in OUTDIR."""
     from edm2.files import load_network
     from edm2.guidance import check_guidance
-    from edm2.metrics.guidance_sweep import Guide, JudgeScore, guidance_sweep
-    from edm2.metrics.judge import pick_judge
+    from edm2.metrics.guidance_sweep import Guide, guidance_sweep
     from edm2.runtime import resolve_device
     from edm2.sampling import SamplerSettings
 
@@ -53,21 +60,44 @@ def guidance_sweep(net_path, gnet_paths, guide_run, guide_std, weights, interval
     device = str(resolve_device(device))
     outdir = Path(outdir)
     net, snap = load_network(net_path, device)
-    judge, name = pick_judge((snap.network.to_dict() if snap.network else {}), snap.info or {}, outdir, judge_path,
-                             data, echo=click.echo)
+    score, key, title = _score(snap, outdir, samples, device, judge_path, data, ref_path, metric_list,
+                               detector_dir)
     guides = [Guide(Path(p).stem, *_guide(p, device)) for p in gnet_paths]
     if guide_run is not None:
         guides += _reconstructed_guides(guide_run, parse_std_list(guide_std, "--guide-std")[0], outdir, device)
     click.echo(f"{len(guides)} guide(s) x {len(weights)} weight(s), {samples} samples each ...")
-    table = guidance_sweep(net, guides, weights, JudgeScore(judge, samples, device), "fd", settings, outdir,
-                           title=f"{name}: judge Frechet distance vs guidance weight ({samples} samples)",
-                           echo=click.echo)
-    b = table.best
-    click.echo(f"no guidance: Frechet distance {table.baseline['fd']:.4f}, accuracy "
-               f"{100 * table.baseline['accuracy']:.1f} %")
-    click.echo(f"best: guide {b['guide']}, w={b['weight']:g}: Frechet distance {b['fd']:.4f}, accuracy "
-               f"{100 * b['accuracy']:.1f} %")
+    table = guidance_sweep(net, guides, weights, score, key, settings, outdir,
+                           title=f"{title} vs guidance weight ({samples} samples)", echo=click.echo)
+    b, base = table.best, table.baseline
+    extra = (lambda r: f", accuracy {100 * r['accuracy']:.1f} %") if "accuracy" in b else (lambda r: "")
+    click.echo(f"no guidance: {key} {base[key]:.4f}{extra(base)}")
+    click.echo(f"best: guide {b['guide']}, w={b['weight']:g}: {key} {b[key]:.4f}{extra(b)}")
     click.echo(f"table {table.json_path}, plot {table.plot_path}")
+
+
+def _score(snap, outdir: Path, samples: int, device: str, judge_path, data, ref_path, metric_list, detector_dir):
+    """(the score callable, the key it optimizes, a title): FID / FD_DINOv2 against --ref, or the judge."""
+    from edm2.data import encoder_from_dict
+    from edm2.metrics.guidance_sweep import FrechetScore, JudgeScore
+    from edm2.metrics.judge import pick_judge
+
+    if ref_path is None:
+        if metric_list is not None or detector_dir is not None:
+            raise ValueError("--metrics and --detector-dir go with --ref (FID / FD_DINOv2); without it a judge scores")
+        judge, name = pick_judge((snap.network.to_dict() if snap.network else {}), snap.info or {}, outdir,
+                                 judge_path, data, echo=click.echo)
+        return JudgeScore(judge, samples, device), "fd", f"{name}: judge Frechet distance"
+    if judge_path is not None or data is not None:
+        raise ValueError("--judge and --data choose the judge; with --ref the feature networks score instead")
+    from edm2.cli.metrics import load_detectors, parse_metric_list
+    from edm2.metrics.stats import load_reference
+
+    reference = load_reference(ref_path)
+    names = parse_metric_list(metric_list, list(reference.stats))
+    _, detectors = load_detectors(names, detector_dir, device)
+    reference.check(names, dims={m: d.feature_dim for m, d in detectors.items()})
+    encoder = encoder_from_dict(snap.encoder)
+    return FrechetScore(detectors, reference, list(range(samples)), encoder, 64, device), names[0], names[0]
 
 
 def _guide(path: str, device: str):

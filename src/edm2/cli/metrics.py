@@ -27,7 +27,8 @@ def _common(fn):
     return fn
 
 
-def _parse_metrics(text: str | None, default: list[str]) -> list[str]:
+def parse_metric_list(text: str | None, default: list[str]) -> list[str]:
+    """'fid,fd_dinov2' -> the metric names (`default` when not given); ValueError for unknown ones."""
     from edm2.metrics.detectors import METRICS
 
     metrics = [m.strip() for m in text.split(",") if m.strip()] if text else list(default)
@@ -60,7 +61,8 @@ def _bar(rank: int, total: int | None = None):
             bar.close()
 
 
-def _setup(metrics: list[str], detector_dir: str | None, device: str):
+def load_detectors(metrics: list[str], detector_dir: str | None, device: str):
+    """(the device, {metric: its feature network}) from `detector_dir` or the download cache."""
     from edm2.metrics.detectors import load_detector
     from edm2.runtime import resolve_device
 
@@ -129,10 +131,10 @@ def ref(data_path, dest, keep_features, workers, metric_list, detector_dir, devi
         raise ValueError(f"--dest {dest}: write .npz (edm2) or .pkl (the official layout)")
     if keep_features and not dest.endswith(".npz"):
         raise ValueError("--keep-features needs an .npz --dest (the official .pkl layout has no place for features)")
-    metric_names = _parse_metrics(metric_list, ["fid", "fd_dinov2"])
+    metric_names = parse_metric_list(metric_list, ["fid", "fd_dinov2"])
     with one_voice(), distributed(device) as (rank, _):
         images = open_images(data_path)
-        device, detectors = _setup(metric_names, detector_dir, device)
+        device, detectors = load_detectors(metric_names, detector_dir, device)
         with _bar(rank) as progress:
             stats, resolution = measure_images(images, detectors, batch_size, keep=keep_features,
                                                num_workers=workers, progress=progress)
@@ -164,11 +166,11 @@ def calc(image_path, ref_path, num_images, seed, workers, results_path, metric_l
 
     with one_voice(), distributed(device) as (rank, _):
         reference = load_reference(ref_path)
-        metric_names = _parse_metrics(metric_list, list(reference.stats))
+        metric_names = parse_metric_list(metric_list, list(reference.stats))
         images = open_images(image_path)
         reference.check(metric_names, images.resolution)
         draw_subset(len(images), num_images, seed, image_path)  # too few images: one line, before the detectors
-        device, detectors = _setup(metric_names, detector_dir, device)
+        device, detectors = load_detectors(metric_names, detector_dir, device)
         reference.check(metric_names, images.resolution, {m: d.feature_dim for m, d in detectors.items()})
         keep = min((len(reference.stats[m].features) for m in metric_names
                     if reference.stats[m].features is not None), default=0)
@@ -221,7 +223,7 @@ def gen(net_path, preset, gnet_path, ref_path, seeds, first_seed, num_images, re
     runs = seed_repeats(_gen_seeds(seeds, first_seed, num_images), repeats, seed_stride)
     with one_voice(), distributed(device) as (rank, _):
         reference = load_reference(ref_path)
-        metric_names = _parse_metrics(metric_list, list(reference.stats))
+        metric_names = parse_metric_list(metric_list, list(reference.stats))
         device = resolve_device(device)
         with warnings.catch_warnings(record=True) as caught:  # an official .pkl converted on the fly: one line
             warnings.simplefilter("always")
@@ -237,7 +239,7 @@ def gen(net_path, preset, gnet_path, ref_path, seeds, first_seed, num_images, re
         encoder.init(device)  # a latent model's VAE: loaded (and its resolution known) before the detectors
         resolution = encoder.pixel_resolution(net.img_resolution)
         reference.check(metric_names, (resolution, resolution))
-        device, detectors = _setup(metric_names, detector_dir, str(device))
+        device, detectors = load_detectors(metric_names, detector_dir, str(device))
         reference.check(metric_names, dims={m: d.feature_dim for m, d in detectors.items()})
         keep = min((len(reference.stats[m].features) for m in metric_names
                     if reference.stats[m].features is not None), default=0)

@@ -156,6 +156,12 @@ def _differences(old: object, new: object, name: str) -> list[str]:
     return [f"{name} {_shown(old)} in the run, {_shown(new)} now"]
 
 
+def _is_temp(path: Path) -> bool:
+    """A temporary of the atomic writer (`.<name>.<random>.tmp`): what a killed first start leaves; the run's
+    start removes those nobody holds."""
+    return path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX) and path.is_file()
+
+
 def check_run_folder(outdir: str | Path, identity: dict, added: dict | None = None,
                      options_that_may_change: tuple[str, ...] = ()) -> bool:
     """Whether `outdir` can hold the run whose identity (options that may not change on resume) is given:
@@ -182,7 +188,7 @@ def check_run_folder(outdir: str | Path, identity: dict, added: dict | None = No
                              f"{'; '.join(details[:3])}{more}); resume it with its own options"
                              f"{f' (only {free} may change)' if free else ''} or use a new --outdir")
         return True
-    if outdir.exists() and any(p.name != LOCK_FILE for p in outdir.iterdir()):
+    if outdir.exists() and any(p.name != LOCK_FILE and not _is_temp(p) for p in outdir.iterdir()):
         raise ValueError(f"--outdir {outdir} is not empty and holds no edm2 run; choose a new or empty folder")
     return False
 

@@ -16,7 +16,7 @@ import torch
 from edm2.files import atomic_output, atomic_write_text
 from edm2.sampling import SamplerSettings
 
-__all__ = ["Guide", "JudgeScore", "guidance_sweep", "plot_guidance_sweep"]
+__all__ = ["Guide", "JudgeScore", "FrechetScore", "guidance_sweep", "plot_guidance_sweep"]
 
 Score = Callable[[torch.nn.Module, torch.nn.Module | None, SamplerSettings], Mapping[str, float]]
 
@@ -51,6 +51,28 @@ class JudgeScore:
                                         settings)
         report = self.judge.evaluate(images, np.asarray(classes))
         return {"fd": float(report.fd), "accuracy": float(report.accuracy)}
+
+
+@dataclass
+class FrechetScore:
+    """FID / FD_DINOv2 of the samples of `seeds` (class drawn from each seed, as `edm2 metrics gen`) against a
+    reference: `detectors` ({metric: feature network}), `reference` (`edm2.metrics.stats.load_reference`), the
+    model's `encoder` (decoding latents to pixels; None: pixels)."""
+
+    detectors: dict
+    reference: object
+    seeds: Sequence[int]
+    encoder: object | None = None
+    batch: int = 64
+    device: str = "cpu"
+
+    def __call__(self, net: torch.nn.Module, gnet: torch.nn.Module | None,
+                 settings: SamplerSettings) -> dict[str, float]:
+        from edm2.metrics.measure import ModelUnderTest, compare, measure_model
+
+        model = ModelUnderTest(net, gnet, settings, self.encoder, self.batch, self.device)
+        results = compare(measure_model(model, self.seeds, self.detectors), self.reference)
+        return {m: float(v["fd"]) for m, v in results.items()}
 
 
 @dataclass
