@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from edm2.dataset_tool import convert_dataset
 from PIL import Image
 
 from edm2.cli import main
 from edm2.data import open_dataset
 from edm2.data.transforms import make_transform, parse_resolution
-from edm2.dataset_tool import convert_dataset
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -136,7 +136,8 @@ def read_entries(dest: Path) -> dict[str, bytes]:
         with zipfile.ZipFile(dest) as z:
             assert all(i.compress_type == zipfile.ZIP_STORED for i in z.infolist())
             return {n: z.read(n) for n in z.namelist()}
-    return {p.relative_to(dest).as_posix(): p.read_bytes() for p in sorted(dest.rglob("*")) if p.is_file()}
+    return {p.relative_to(dest).as_posix(): p.read_bytes() for p in sorted(dest.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")}  # hidden files are the tool's records, not data
 
 
 def test_labels_from_class_subfolders_and_the_official_layout(tmp_path):
@@ -310,3 +311,19 @@ def test_existing_zip_is_not_overwritten(tmp_path):
     result = invoke("convert", "--source", src, "--dest", tmp_path / "d.zip", "--resolution", "16")
     assert result.exit_code == 2 and "exists" in result.stderr
     assert (tmp_path / "d.zip").read_bytes() == b"mine" and sorted(os.listdir(tmp_path)) == ["d.zip", "src"]
+
+
+@pytest.mark.parametrize("name", ["d.zip", "folder"])
+def test_the_same_command_on_its_finished_output_finishes_again_and_another_is_refused(tmp_path, name):
+    """A run killed after its output was complete (before it exited) is run again: the same command on its own
+    finished output succeeds with the same content; another command on it is refused."""
+    src = class_folders(tmp_path / "src")
+    dest = tmp_path / name
+    first = invoke("convert", "--source", src, "--dest", dest, "--resolution", "16")
+    assert first.exit_code == 0, first.stderr
+    before = read_entries(dest)
+    again = invoke("convert", "--source", src, "--dest", dest, "--resolution", "16")
+    assert again.exit_code == 0, again.stderr
+    assert read_entries(dest) == before and len(open_dataset(dest)) == len(list(src.rglob("*.png")))
+    other = invoke("convert", "--source", src, "--dest", dest, "--resolution", "8")
+    assert other.exit_code == 2 and len(other.stderr.strip().splitlines()) == 1

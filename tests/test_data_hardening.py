@@ -286,7 +286,8 @@ def entries(dest: Path) -> dict[str, bytes]:
     if dest.suffix == ".zip":
         with zipfile.ZipFile(dest) as z:
             return {n: z.read(n) for n in z.namelist()}
-    return {p.relative_to(dest).as_posix(): p.read_bytes() for p in sorted(dest.rglob("*")) if p.is_file()}
+    return {p.relative_to(dest).as_posix(): p.read_bytes() for p in sorted(dest.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")}  # hidden files are the tool's records, not data
 
 
 def tree(root: Path) -> list[str]:

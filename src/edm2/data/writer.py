@@ -112,9 +112,9 @@ class DatasetWriter:
         only, so that a refused command leaves no trace."""
         marker = self.dest / INCOMPLETE_MARKER
         if self.is_zip or not self.dest.exists():
-            if self.dest.exists():
+            if self.dest.exists() and _zip_job(self.dest) != self.job:
                 raise ValueError(f"--dest {self.dest} exists; remove it or choose another name")
-            return False
+            return False  # new, or this command's complete zip (run again: written again, the same content)
         if not self.dest.is_dir():
             raise ValueError(f"--dest {self.dest} is a file; a folder or a .zip is expected")
         if marker.is_file():
@@ -126,6 +126,8 @@ class DatasetWriter:
                 raise ValueError(f"--dest {self.dest} holds an unfinished conversion of another source or with other "
                                  "options; run that command again, or remove the folder")
             return True
+        if _job_of(self.dest / COMPLETE_MARKER) == self.job:
+            return True  # this command's complete folder, run again: nothing left to write
         if any(not _marker_temp(p.name) for p in self.dest.iterdir()):
             raise ValueError(f"--dest {self.dest} is not empty; choose a new or empty folder")
         return False
@@ -212,11 +214,13 @@ class DatasetWriter:
         text = json.dumps(meta)
         if self.is_zip:
             self._zip.writestr(DATASET_JSON, text)
+            self._zip.comment = json.dumps({"job": self.job}).encode()  # what made it (readers ignore it)
         else:
             with atomic_output(self.dest / DATASET_JSON) as tmp:
                 tmp.write_text(text)
                 _readable(tmp)
-            (self.dest / INCOMPLETE_MARKER).unlink()
+            atomic_write_text(self.dest / COMPLETE_MARKER, json.dumps({"job": self.job}, indent=2) + "\n")
+            (self.dest / INCOMPLETE_MARKER).unlink(missing_ok=True)
         self.bytes += len(text)
         self._finished = True
 
@@ -252,6 +256,28 @@ class DatasetWriter:
         for folder in self._created:
             with contextlib.suppress(OSError):
                 folder.rmdir()
+
+
+COMPLETE_MARKER = ".edm2-complete.json"  # a finished folder's record of the job that wrote it (hidden: not read)
+
+
+def _job_of(path: Path) -> dict | None:
+    """The job recorded in a marker file, or None."""
+    try:
+        return json.loads(path.read_text()).get("job")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _zip_job(path: Path) -> dict | None:
+    """The job recorded in the comment of a zip this tool wrote, or None."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return json.loads(z.comment.decode() or "null").get("job")
+    except (OSError, ValueError, AttributeError, zipfile.BadZipFile):
+        return None
 
 
 def _marker_temp(name: str) -> bool:
