@@ -16,7 +16,7 @@ from edm2.ema.reconstruct import (
     plan_reconstruction,
     reconstruction_errors,
 )
-from edm2.files import atomic_output, atomic_write_text
+from edm2.files import atomic_write_text, save_figure
 
 __all__ = ["SweepResult", "ema_sweep", "plot_sweep"]
 
@@ -164,8 +164,4 @@ def plot_sweep(rows: Sequence[Mapping], path: str | Path, key: str, title: str, 
     fig.legend(handles, [h.get_label() for h in handles], loc="lower center", ncol=3, fontsize=8, frameon=False)
     ax.set_title(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
-    try:
-        with atomic_output(path) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)

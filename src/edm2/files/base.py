@@ -28,8 +28,8 @@ except ImportError:  # not POSIX: temporaries are not locked, and remove_stale_t
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["FORMAT", "VERSION", "TEMP_SUFFIX", "atomic_output", "atomic_write_text", "remove_stale_temps",
-           "move_into_place", "scratch_folder", "save_tensors", "load_tensors", "read_metadata", "NonFiniteWarning",
-           "nonfinite_tensors", "check_finite"]
+           "move_into_place", "save_figure", "scratch_folder", "save_tensors", "load_tensors", "read_metadata",
+           "NonFiniteWarning", "nonfinite_tensors", "check_finite"]
 
 FORMAT = "edm2"
 VERSION = 1
@@ -123,6 +123,17 @@ def move_into_place(done: str | Path, path: str | Path) -> None:
         os.replace(done, path)
     except OSError as e:
         raise _write_error(e, Path(path)) from None
+
+
+def save_figure(fig, path: str | Path) -> None:
+    """Write a matplotlib figure as PNG through `atomic_output`, and close it (also when writing fails)."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edm2.files import atomic_output, atomic_write_text
+from edm2.files import atomic_write_text, save_figure
 from edm2.sampling import SamplerSettings
 
 __all__ = ["Guide", "JudgeScore", "FrechetScore", "guidance_sweep", "plot_guidance_sweep"]
@@ -155,8 +155,4 @@ def plot_guidance_sweep(rows: Sequence[Mapping], path: str | Path, key: str, tit
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    try:
-        with atomic_output(Path(path)) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from edm2.files.base import atomic_output
+from edm2.files.base import save_figure
 from edm2.toy.mixture import GaussianMixture
 
 __all__ = ["plot_toy", "view_box"]
@@ -80,8 +80,4 @@ def plot_toy(mixture: GaussianMixture, samples: Mapping[int, Mapping[str, torch.
             title = f"class {label}: {titles.get(method, method)}\nmean log p = {scores[label][method]:.2f}"
             _panel(axes[row][col], grid, samples[label][method], _COLORS[col % len(_COLORS)], title, boxes[label])
     fig.tight_layout()
-    try:
-        with atomic_output(Path(path)) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
