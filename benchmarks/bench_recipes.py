@@ -38,8 +38,9 @@ from edm2.ema.sweep import ema_sweep
 from edm2.metrics.judge import Judge, JudgeQuality, train_judge
 from edm2.presets import PRESETS, NetworkConfig, Preset, TrainingConfig
 from edm2.training import TrainOptions, train
+from edm2.training.recipes import choose_preset
 
-DATASETS = {"glyphs32": ("glyphs", 32), "shapes32": ("shapes", 32)}
+DATASETS = {"glyphs32": ("glyphs", 32), "shapes32": ("shapes", 32), "photos32": ("photos", 32)}
 GRID = (0.05, 0.10, 0.15, 0.20)
 OLD_TRAINING = TrainingConfig(batch_size=128, duration=2 << 20, lr=0.0100, decay=5000, rampup_Mimg=0.05, P_mean=-0.8,
                               P_std=1.6)
@@ -50,7 +51,10 @@ OLD_NETWORKS = {
                      num_blocks=2, attn_resolutions=(8,), use_fp16=False),
 }
 FIELDS = {"lr": float, "batch": int, "P_mean": float, "P_std": float, "decay": float, "rampup": int,
-          "dropout": float, "preset": str}
+          "dropout": float, "preset": str, "channels": int, "config": str}
+# Network changes a recipe may ask for on top of the preset `--preset auto` chooses: attention resolutions
+# ('attn=8', 'attn=16+8', 'attn=none').
+NETWORK_FIELDS = ("attn",)
 
 
 def recipe_options(recipe: str, data: Path, channels: int, budget_s: float, outdir: Path) -> TrainOptions:
@@ -66,6 +70,13 @@ def recipe_options(recipe: str, data: Path, channels: int, budget_s: float, outd
     opts = TrainOptions(**base)
     for item in filter(None, changes.split(",")):
         key, _, value = item.partition("=")
+        if key == "attn":
+            dataset = open_dataset(str(data))
+            preset = choose_preset(dataset.resolution, channels, len(dataset), "cpu")[0]
+            attn = () if value == "none" else tuple(int(r) for r in value.split("+"))
+            preset = dataclasses.replace(preset, network=preset.network.replace(attn_resolutions=attn))
+            opts = dataclasses.replace(opts, preset=preset)
+            continue
         opts = dataclasses.replace(opts, **{key: FIELDS[key](value)})
     return opts
 
@@ -110,7 +121,8 @@ def run_cell(name: str, data: Path, judge: Judge, budget_min: float, recipe: str
                       title=f"{tag}: quality vs EMA length", echo=log)
     best = sweep.best
     return {"dataset": name, "budget_min": budget_min, "recipe": recipe, "preset": run["preset"],
-            "network": {k: run["network"][k] for k in ("model_channels", "channel_mult", "num_blocks")},
+            "network": {k: run["network"][k] for k in ("model_channels", "channel_mult", "num_blocks",
+                                                       "attn_resolutions")},
             "batch": run["batch"], "lr": run["lr"], "decay": run["decay"], "rampup": round(run["rampup_Mimg"] * 1e6),
             "P_mean": run["P_mean"], "P_std": run["P_std"], "ema_stds": run["ema_stds"], "images": result["nimg"],
             "steps": result["nimg"] // run["batch"], "train_cpu_s": round(result["seconds"], 1),

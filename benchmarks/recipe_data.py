@@ -127,7 +127,47 @@ def shapes(count: int, seed: int = 0, resolution: int = 32) -> tuple[np.ndarray,
     return out, labels.astype(np.int64)
 
 
-MAKERS = {"glyphs": glyphs, "shapes": shapes}
+# Ten public colour photographs that ship with scikit-image (`pip install scikit-image`: public domain / CC0 images)
+# and scikit-learn (china.jpg, flower.jpg: CC BY 2.0); one class per photograph.
+PHOTOS = [("skimage", "astronaut.png"), ("skimage", "chelsea.png"), ("skimage", "coffee.png"),
+          ("skimage", "hubble_deep_field.jpg"), ("skimage", "ihc.png"), ("skimage", "motorcycle_left.png"),
+          ("skimage", "retina.jpg"), ("skimage", "rocket.jpg"), ("sklearn", "china.jpg"), ("sklearn", "flower.jpg")]
+
+
+def _photo(package: str, name: str) -> np.ndarray:
+    from PIL import Image
+
+    if package == "skimage":
+        import skimage
+
+        folder = Path(skimage.__file__).parent / "data"
+    else:
+        import sklearn
+
+        folder = Path(sklearn.__file__).parent / "datasets" / "images"
+    return np.asarray(Image.open(folder / name).convert("RGB"))
+
+
+def photos(count: int, seed: int = 0, resolution: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Real photographs: random square crops (20 % to 60 % of the short side, anywhere, mirrored at random) of the
+    ten `PHOTOS`, resized with a Lanczos filter; the label is the photograph. (uint8 [N, R, R, 3], labels [N])."""
+    from PIL import Image
+
+    rng = np.random.default_rng([seed, 3])
+    sources = [_photo(package, name) for package, name in PHOTOS]
+    labels = rng.integers(0, len(sources), count)
+    out = np.empty([count, resolution, resolution, 3], np.uint8)
+    for i, label in enumerate(labels):
+        img = sources[label]
+        h, w = img.shape[:2]
+        side = int(rng.uniform(0.2, 0.6) * min(h, w))
+        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = Image.fromarray(img[y:y + side, x:x + side]).resize((resolution, resolution), Image.LANCZOS)
+        out[i] = np.asarray(crop)[:, ::-1] if rng.random() < 0.5 else np.asarray(crop)
+    return out, labels
+
+
+MAKERS = {"glyphs": glyphs, "shapes": shapes, "photos": photos}
 
 
 def dataset_file(kind: str, resolution: int, count: int, folder: str | Path, seed: int = 0) -> Path:

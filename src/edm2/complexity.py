@@ -42,6 +42,6 @@ def count_complexity(config: NetworkSpec) -> Complexity:
         net(x, sigma, labels)
     macs = counter.get_total_flops() // 2  # the counter reports 2 flops per multiply-accumulate
     norm_ops = WEIGHT_NORM_OPS * sum(m.weight.numel() for m in net.modules() if isinstance(m, MPConv)
-                                     and m is not getattr(net, "logvar_linear", None))
+                                     and m.weight_norm and m is not getattr(net, "logvar_linear", None))
     return Complexity(parameters=sum(p.numel() for p in net.parameters()), macs=macs, weight_norm_ops=norm_ops,
                       gflops=(macs + norm_ops) / 1e9)

@@ -127,8 +127,9 @@ def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> to
 class MPFourier(torch.nn.Module):
     """Fourier features sqrt(2) cos(2 pi (f x + phi)) with fixed random f and phi: unit variance out."""
 
-    def __init__(self, num_channels: int, bandwidth: float = 1.0) -> None:
+    def __init__(self, num_channels: int, bandwidth: float = 1.0, amplitude: float = float(np.sqrt(2))) -> None:
         super().__init__()
+        self.amplitude = amplitude  # sqrt(2): unit variance; 1: the plain Fourier features of configurations C-F
         self.register_buffer("freqs", 2 * np.pi * torch.randn(num_channels) * bandwidth)
         self.register_buffer("phases", 2 * np.pi * torch.rand(num_channels))
 
@@ -136,7 +137,7 @@ class MPFourier(torch.nn.Module):
         dtype = compute_dtype(x.dtype)
         with no_autocast(x.device):  # phases of cos() need float32 or better
             y = x.to(dtype).ger(self.freqs.to(dtype)) + self.phases.to(dtype)
-            return (y.cos() * np.sqrt(2)).to(x.dtype)
+            return (y.cos() * self.amplitude).to(x.dtype)
 
 
 class MPConv(torch.nn.Module):
@@ -151,11 +152,17 @@ class MPConv(torch.nn.Module):
     network, which gives the eager results.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int]) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int], weight_norm: bool = True,
+                 forced: bool = True) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
+        self.weight_norm = weight_norm  # False (ablation configuration C): He-uniform weights, used as they are
+        self.forced = forced and weight_norm  # False (configuration D): normalized on use only
         self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
+        if not weight_norm:
+            bound = float(np.sqrt(6 / self.weight[0].numel()))
+            self.weight.data.uniform_(-bound, bound)
         self._weight_cache: tuple[tuple, torch.Tensor] | None = None  # (key, effective weight); not state
 
     def forward(self, x: torch.Tensor, gain: float | torch.Tensor = 1.0) -> torch.Tensor:
@@ -173,7 +180,9 @@ class MPConv(torch.nn.Module):
 
     def _effective_weight(self, dtype: torch.dtype, gain: float | torch.Tensor) -> torch.Tensor:
         w = self.weight.to(compute_dtype(self.weight.dtype))
-        if self.training and not torch.compiler.is_compiling():
+        if not self.weight_norm:
+            return (w * gain).to(dtype)
+        if self.training and self.forced and not torch.compiler.is_compiling():
             self.force_normalize_()  # w aliases the weight, so it is normalized too
         w = normalize(w)
         return (w * (gain / np.sqrt(w[0].numel()))).to(dtype)
@@ -213,5 +222,5 @@ def force_weight_normalization_(module: torch.nn.Module) -> None:
     """Forced weight normalization of every MPConv in `module` that is in training mode, as each does at the
     start of an eager training-mode forward. Needed before every training forward of a compiled network."""
     for m in module.modules():
-        if isinstance(m, MPConv) and m.training:
+        if isinstance(m, MPConv) and m.training and m.forced:
             m.force_normalize_()

@@ -91,14 +91,22 @@ def reconstruct(indir, outdir, stds, std_for, outkimg, skip_existing, batch, nim
 @click.option("--judge-images", type=int, default=60_000, show_default=True,
               help="Training images of a judge trained here.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto.")
+@click.option("--per-tensor", "per_tensor", multiple=True,
+              help="Then vary only the EMA length of the tensors this name or fnmatch pattern matches, the others "
+                   "at the best length (EDM2 Figure 5b): one curve per pattern (repeatable), e.g. "
+                   "'unet.enc.8x8_block0.conv_res0.weight'.")
+@click.option("--base-std", type=float, help="With --per-tensor: the others' length, instead of the best of a "
+              "sweep over every tensor.")
 @_posthoc_options
 @friendly_errors
-def ema_sweep(run_dir, outdir, stds, samples, steps, judge_path, data, judge_images, device, nimg, from_stds,
-              max_error, allow_gaps) -> None:
+def ema_sweep(run_dir, outdir, stds, samples, steps, judge_path, data, judge_images, device, per_tensor, base_std,
+              nimg, from_stds, max_error, allow_gaps) -> None:
     """Quality against EMA length: reconstruct each length, judge class-conditional samples (class accuracy and
-    Frechet distance in the judge's feature space), plot, pick the best."""
+    Frechet distance in the judge's feature space), plot, pick the best. With --per-tensor, then one tensor at a
+    time."""
     from pathlib import Path
 
+    from edm2.ema.sweep import check_tensor_patterns
     from edm2.ema.sweep import ema_sweep as sweep
     from edm2.metrics.judge import quality_for_run
     from edm2.runtime import resolve_device
@@ -107,10 +115,18 @@ def ema_sweep(run_dir, outdir, stds, samples, steps, judge_path, data, judge_ima
     inputs = None if from_stds is None else parse_std_list(from_stds, "--from-std")[0]
     if samples < 2 or steps < 1:
         raise ValueError(f"--samples must be >= 2 and --steps >= 1, got {samples} and {steps}")
+    if base_std is not None and not per_tensor:
+        raise ValueError("--base-std goes with --per-tensor (the length of the tensors not swept)")
+    if per_tensor:  # before anything is written
+        check_tensor_patterns(run_dir, per_tensor, base_std or values[0], nimg, inputs, allow_gaps)
     _note_dropped(dropped)
     device = str(resolve_device(device))
     outdir = Path(outdir) if outdir else Path(run_dir) / "ema-sweep"
     metric, name = quality_for_run(run_dir, samples, steps, device, judge_path, data, judge_images, click.echo)
+    if per_tensor and base_std is not None:
+        _per_tensor(run_dir, outdir, values, per_tensor, base_std, metric, name, samples, nimg, inputs, max_error,
+                    allow_gaps, ":" in stds)
+        return
     result = sweep(run_dir, outdir, values, metric, key="fd",
                    nimg=nimg, input_stds=inputs, max_error=max_error, allow_gaps=allow_gaps,
                    skip_unsupported=":" in stds, secondary="accuracy",
@@ -125,4 +141,25 @@ def ema_sweep(run_dir, outdir, stds, samples, steps, judge_path, data, judge_ima
                f"{100 * b['accuracy']:.1f} %) -> {b['path']}")
     if result.best_at_edge:
         click.echo("note: the best length is at the end of the range; the optimum may lie outside it")
+    click.echo(f"table {result.json_path}, plot {result.plot_path}")
+    if per_tensor:
+        _per_tensor(run_dir, outdir, [r["sigma_rel"] for r in result.rows], per_tensor, b["sigma_rel"], metric, name,
+                    samples, nimg, inputs, max_error, allow_gaps, False)
+
+
+def _per_tensor(run_dir, outdir, values, patterns, base_std, metric, name, samples, nimg, inputs, max_error,
+                allow_gaps, skip_unsupported) -> None:
+    """The per-tensor sweeps of `ema-sweep --per-tensor`, and their table."""
+    from edm2.ema.sweep import per_tensor_sweep
+
+    click.echo(f"per-tensor sweeps, the other tensors at sigma_rel {base_std:.3f}:")
+    result = per_tensor_sweep(run_dir, outdir, values, patterns, base_std, metric, key="fd", nimg=nimg,
+                              input_stds=inputs, max_error=max_error, allow_gaps=allow_gaps,
+                              skip_unsupported=skip_unsupported, echo=click.echo,
+                              title=f"{name}: Frechet distance, one tensor's EMA length varied ({samples} samples)")
+    click.echo(f"all tensors at {base_std:.3f}: Frechet distance {result.base['fd']:.4f}")
+    for pattern, rows in result.curves.items():
+        best = min(rows, key=lambda r: r["fd"])
+        click.echo(f"  {pattern}: best sigma_rel {best['sigma_rel']:.3f}, Frechet distance {best['fd']:.4f} "
+                   f"({100 * (best['fd'] / result.base['fd'] - 1):+.1f} %)")
     click.echo(f"table {result.json_path}, plot {result.plot_path}")

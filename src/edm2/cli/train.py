@@ -17,6 +17,7 @@ import click
 
 from edm2.cli.app import friendly_errors, main, one_voice
 from edm2.cli.params import BUDGET, FLOATS, INTS, NIMG
+from edm2.training.ladder import CONFIGS, config_preset
 from edm2.training.options import Option, TrainOptions, option_fields
 
 # The click types of the markers of `edm2.training.options.Option.kind`; plain types (str, int, float) stand as
@@ -213,24 +214,26 @@ _DATA = {True: "VAE latents: make them with `edm2 dataset encode`", False: "pixe
               "[default: the preset's]")
 @click.option("--generation", is_flag=True, help="List the published models by name (the presets of 'edm2 "
               "generate --preset'), with the FID / FD_DINOv2 the papers report.")
+@click.option("--config", type=click.Choice(CONFIGS), help="The preset at this EDM2 Table 1 ablation configuration "
+              "(A-G, docs/ablation.md).  [default: G, the preset itself]")
 @friendly_errors
-def info(preset, resolution, channels, generation) -> None:
+def info(preset, resolution, channels, generation, config) -> None:
     """Parameters, GFLOPs per evaluation and training hyper-parameters of presets."""
     from edm2.complexity import count_complexity
     from edm2.presets import PRESETS, get_preset, network_at
 
     if generation:
-        if preset is not None or resolution is not None or channels is not None:
+        if preset is not None or resolution is not None or channels is not None or config is not None:
             raise ValueError("--generation lists the generation presets; give it alone")
         _list_generation_presets()
         return
     if preset is None:
-        if resolution is not None or channels is not None:
-            raise ValueError("--resolution and --channels describe the network of one --preset; name it")
+        if resolution is not None or channels is not None or config is not None:
+            raise ValueError("--resolution, --channels and --config describe the network of one --preset; name it")
         for p in PRESETS.values():
             click.echo(f"{p.name:18s} {p.description}{'  [latents]' if p.latents else ''}")
         return
-    p = get_preset(preset)
+    p = get_preset(preset) if config is None else config_preset(get_preset(preset), config)
     net = network_at(p.network, resolution or p.network.img_resolution, channels or p.network.img_channels,
                      f"preset {p.name}'s network")
     c = count_complexity(net)

@@ -3,6 +3,7 @@ with a metric callable, and write a table and a plot of the metric against the E
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -18,7 +19,8 @@ from edm2.ema.reconstruct import (
 )
 from edm2.files import atomic_write_text, save_figure
 
-__all__ = ["SweepResult", "ema_sweep", "plot_sweep"]
+__all__ = ["SweepResult", "ema_sweep", "plot_sweep", "PerTensorResult", "per_tensor_sweep",
+           "check_tensor_patterns"]
 
 
 @dataclass
@@ -164,4 +166,113 @@ def plot_sweep(rows: Sequence[Mapping], path: str | Path, key: str, title: str, 
     fig.legend(handles, [h.get_label() for h in handles], loc="lower center", ncol=3, fontsize=8, frameon=False)
     ax.set_title(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
+    save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-tensor sweeps (EDM2 Figure 5b).
+
+
+@dataclass
+class PerTensorResult:
+    """One curve per tensor pattern: the metric as that tensor's EMA length varies while every other tensor keeps
+    `base_std`; `base` is the metric of `base_std` for all."""
+
+    base_std: float
+    base: dict
+    curves: dict[str, list[dict]]
+    key: str
+    json_path: Path | None
+    plot_path: Path | None
+
+
+def per_tensor_sweep(
+    source: str | Path,
+    outdir: str | Path,
+    stds: Sequence[float],
+    tensors: Sequence[str],
+    base_std: float,
+    metric: Callable[[Path], Mapping[str, float]],
+    key: str,
+    minimize: bool = True,
+    nimg: int | None = None,
+    input_stds: Sequence[float] | None = None,
+    max_error: float = DEFAULT_MAX_ERROR,
+    allow_gaps: bool = False,
+    per_pass: int = 8,
+    skip_unsupported: bool = False,
+    json_path: str | Path | None = "ema_sweep_per_tensor.json",
+    plot_path: str | Path | None = "ema_sweep_per_tensor.png",
+    title: str | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> PerTensorResult:
+    """For each fnmatch pattern in `tensors` (a tensor name such as 'unet.enc.16x16_block0.conv_res0.weight', or
+    'unet.dec.*'), reconstruct the averages where the matching tensors have each length in `stds` and every other
+    tensor `base_std`, and score them with `metric` (as `ema_sweep`). Every pattern must match an averaged
+    tensor and every length be supported, checked before anything is written. The per-tensor reconstructions
+    are removed once scored; the table and the plot stay."""
+    stds = sorted({float(s) for s in stds})
+    if skip_unsupported:
+        stds, _ = _supported(source, stds, nimg, input_stds, max_error, allow_gaps, echo)
+    check_tensor_patterns(source, tensors, base_std, nimg, input_stds, allow_gaps)
+    targets = [EMATarget(base_std)] + [EMATarget(base_std, ((p, s),)) for p in tensors for s in stds]
+    plan = plan_reconstruction(source, targets, nimg, input_stds, max_error, allow_gaps)
+    outdir = Path(outdir)
+    scored = []
+    for start in range(0, len(targets), per_pass):
+        chunk = targets[start:start + per_pass]
+        for target, result in zip(chunk, execute_reconstruction(plan, chunk, outdir, None)):
+            row = _score(result, metric, key, None)
+            scored.append((target, row))
+            if echo is not None:
+                echo(f"  {target.describe()}: {key} {row[key]:.4g}")
+            if target.per_tensor:
+                result.path.unlink(missing_ok=True)
+    base = scored[0][1]
+    curves = {p: [row | {"sigma_rel": t.per_tensor[0][1]} for t, row in scored[1:] if t.per_tensor[0][0] == p]
+              for p in tensors}
+    json_file = None if json_path is None else outdir / json_path
+    plot_file = None if plot_path is None else outdir / plot_path
+    if json_file is not None:
+        table = {"source": str(plan.source), "nimg": plan.nimg, "key": key, "minimize": minimize,
+                 "base_std": base_std, "base": base, "tensors": curves}
+        atomic_write_text(json_file, json.dumps(table, indent=2) + "\n")
+    if plot_file is not None:
+        _plot_per_tensor(base_std, base, curves, key, plot_file,
+                         title or f"{key} as one tensor's EMA length varies (the others at {base_std:.3f})")
+    return PerTensorResult(base_std, base, curves, key, json_file, plot_file)
+
+
+def check_tensor_patterns(source: str | Path, tensors: Sequence[str], base_std: float, nimg: int | None = None,
+                          input_stds: Sequence[float] | None = None, allow_gaps: bool = False) -> None:
+    """ValueError unless every fnmatch pattern in `tensors` names an averaged tensor of the snapshots in `source`
+    (reads headers only)."""
+    if not tensors or any(not str(p).strip() for p in tensors):
+        raise ValueError("--per-tensor needs the name (or fnmatch pattern) of a weight tensor, e.g. "
+                         "'unet.enc.*block0.conv_res0.weight'")
+    plan = plan_reconstruction(source, [EMATarget(base_std)], nimg, input_stds, math.inf, allow_gaps)  # names only
+    averaged = sorted(plan.averaged)
+    for pattern in tensors:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in averaged):
+            raise ValueError(f"--per-tensor {pattern!r} names no averaged tensor of the snapshots in {source} "
+                             f"(they are named like {averaged[len(averaged) // 2]!r}; fnmatch wildcards allowed)")
+
+
+def _plot_per_tensor(base_std: float, base: Mapping, curves: Mapping[str, list[dict]], key: str, path: Path,
+                     title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=120)
+    for pattern, rows in curves.items():
+        ax.plot([r["sigma_rel"] for r in rows], [r[key] for r in rows], "o-", ms=3, lw=1, alpha=0.8, label=pattern)
+    ax.axhline(base[key], color="black", ls="--", lw=1, label=f"all tensors at {base_std:.3f}")
+    ax.axvline(base_std, color="grey", ls=":", lw=1)
+    ax.set_xlabel("EMA length sigma_rel of the chosen tensor")
+    ax.set_ylabel(key)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
     save_figure(fig, path)

@@ -23,6 +23,7 @@ from edm2.layers import (
     normalize,
     resample,
 )
+from edm2.networks.ladder import group_rms_norm, switches_of
 
 __all__ = ["Block", "UNet", "Precond", "PRECISIONS", "LOW_PRECISION_DTYPES"]
 
@@ -50,6 +51,7 @@ class Block(torch.nn.Module):
         res_balance: float = 0.3,
         attn_balance: float = 0.3,
         clip_act: float | None = 256,
+        config: str = "G",
     ) -> None:
         super().__init__()
         if flavor not in ("enc", "dec"):
@@ -63,15 +65,21 @@ class Block(torch.nn.Module):
         self.res_balance = res_balance
         self.attn_balance = attn_balance
         self.clip_act = clip_act
-        self.emb_gain = torch.nn.Parameter(torch.zeros([]))
-        self.conv_res0 = MPConv(out_channels if flavor == "enc" else in_channels, out_channels, kernel=[3, 3])
-        self.emb_linear = MPConv(emb_channels, out_channels, kernel=[])
-        self.conv_res1 = MPConv(out_channels, out_channels, kernel=[3, 3])
-        self.conv_skip = MPConv(in_channels, out_channels, kernel=[1, 1]) if in_channels != out_channels else None
-        self.attn_qkv = MPConv(out_channels, out_channels * 3, kernel=[1, 1]) if self.num_heads else None
-        self.attn_proj = MPConv(out_channels, out_channels, kernel=[1, 1]) if self.num_heads else None
+        self.switches = s = switches_of(config)
+        conv = lambda cin, cout, kernel: MPConv(cin, cout, kernel, s.weight_norm, s.forced_weight_norm)  # noqa: E731
+        self.emb_gain = torch.nn.Parameter(torch.zeros([])) if s.mp_fixed else None
+        res0_in = out_channels if flavor == "enc" and s.streamlined else in_channels  # F+: channels change first
+        self.conv_res0 = conv(res0_in, out_channels, [3, 3])
+        self.emb_linear = conv(emb_channels, out_channels, [])
+        self.conv_res1 = conv(out_channels, out_channels, [3, 3])
+        self.conv_skip = conv(in_channels, out_channels, [1, 1]) if in_channels != out_channels else None
+        self.attn_qkv = conv(out_channels, out_channels * 3, [1, 1]) if self.num_heads else None
+        self.attn_proj = conv(out_channels, out_channels, [1, 1]) if self.num_heads else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if not self.switches.streamlined:
+            return self._forward_adm(x, emb)
+        silu, add = (mp_silu, mp_sum) if self.switches.mp_fixed else (torch.nn.functional.silu, _plain_sum)
         # Main branch: resampling on the main path, then pixel norm in the encoder (config F).
         x = resample(x, f=self.resample_filter, mode=self.resample_mode)
         if self.flavor == "enc":
@@ -80,23 +88,40 @@ class Block(torch.nn.Module):
             x = normalize(x, dim=1)
 
         # Residual branch, modulated by the embedding: c = gain * linear(emb) + 1.
-        y = self.conv_res0(mp_silu(x))
-        c = self.emb_linear(emb, gain=self.emb_gain) + 1
-        y = mp_silu(y * c[:, :, None, None].to(y.dtype))
+        y = self.conv_res0(silu(x))
+        c = self.emb_linear(emb, gain=1.0 if self.emb_gain is None else self.emb_gain) + 1
+        y = silu(y * c[:, :, None, None].to(y.dtype))
         if self.training and self.dropout != 0:
             y = torch.nn.functional.dropout(y, p=self.dropout)
         y = self.conv_res1(y)
 
         if self.flavor == "dec" and self.conv_skip is not None:
             x = self.conv_skip(x)
-        x = mp_sum(x, y, t=self.res_balance)
+        x = add(x, y, t=self.res_balance)
 
         if self.num_heads:
-            x = mp_sum(x, self.attention(x), t=self.attn_balance)
+            x = add(x, self.attention(x), t=self.attn_balance)
+        return self._clip(x)
 
-        if self.clip_act is not None:
-            x = x.clip_(-self.clip_act, self.clip_act)
-        return x
+    def _forward_adm(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """Configurations C-E: ADM's block order, group norms in the residual branch and before attention, the
+        resampling inside the residual branch and on the skip path, plain sums."""
+        silu = torch.nn.functional.silu
+        y = resample(silu(group_rms_norm(x)), f=self.resample_filter, mode=self.resample_mode)
+        y = self.conv_res0(y)
+        c = self.emb_linear(emb) + 1
+        y = silu(group_rms_norm(y) * c[:, :, None, None].to(y.dtype))
+        if self.training and self.dropout != 0:
+            y = torch.nn.functional.dropout(y, p=self.dropout)
+        y = self.conv_res1(y)
+        x = resample(x, f=self.resample_filter, mode=self.resample_mode)
+        x = (x if self.conv_skip is None else self.conv_skip(x)) + y
+        if self.num_heads:
+            x = x + self.attention(group_rms_norm(x))
+        return self._clip(x)
+
+    def _clip(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.clip_act is None else x.clip_(-self.clip_act, self.clip_act)
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """Cosine self-attention: q, k, v pixel-normalized per head; qkv laid out [head][channel][q,k,v]."""
@@ -109,6 +134,11 @@ class Block(torch.nn.Module):
             w = torch.einsum("nhcq,nhck->nhqk", q, k / np.sqrt(q.shape[2])).softmax(dim=3)
             y = torch.einsum("nhqk,nhck->nhcq", w, v)
         return self.attn_proj(y.reshape(*x.shape))
+
+
+def _plain_sum(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """The sum of the branches before configuration G (the balance `t` unused)."""
+    return a + b
 
 
 class UNet(torch.nn.Module):
@@ -133,6 +163,7 @@ class UNet(torch.nn.Module):
         res_balance: float = 0.3,
         attn_balance: float = 0.3,
         clip_act: float | None = 256,
+        config: str = "G",
     ) -> None:
         # One function on purpose (longer than our usual 60 lines): it reads top to bottom like the U-Net of
         # EDM2 Figure 21, level by level, and builds the module names of the official checkpoints.
@@ -142,17 +173,21 @@ class UNet(torch.nn.Module):
         cemb = model_channels * channel_mult_emb if channel_mult_emb is not None else max(cblock)
         self.label_balance = label_balance
         self.concat_balance = concat_balance
-        self.out_gain = torch.nn.Parameter(torch.zeros([]))
+        self.config = config
+        self.switches = s = switches_of(config)  # the ablation ladder: networks/ladder.py
+        self.out_gain = torch.nn.Parameter(torch.zeros([])) if s.mp_fixed else None
+        conv = lambda cin, cout, kernel: MPConv(cin, cout, kernel, s.weight_norm, s.forced_weight_norm)  # noqa: E731
 
         def block(cin: int, cout: int, **kwargs) -> Block:
             return Block(cin, cout, cemb, resample_filter=resample_filter, channels_per_head=channels_per_head,
                          dropout=dropout, res_balance=res_balance, attn_balance=attn_balance,
-                         clip_act=clip_act, **kwargs)
+                         clip_act=clip_act, config=config, **kwargs)
 
-        # Embedding: Fourier features of c_noise, plus the class label.
-        self.emb_fourier = MPFourier(cnoise)
-        self.emb_noise = MPConv(cnoise, cemb, kernel=[])
-        self.emb_label = MPConv(label_dim, cemb, kernel=[]) if label_dim != 0 else None
+        # Embedding: Fourier features of c_noise (C-E: then a second layer), plus the class label.
+        self.emb_fourier = MPFourier(cnoise, amplitude=float(np.sqrt(2)) if s.mp_fixed else 1.0)
+        self.emb_noise = conv(cnoise, cemb, [])
+        self.emb_hidden = None if s.streamlined else conv(cemb, cemb, [])
+        self.emb_label = conv(label_dim, cemb, []) if label_dim != 0 else None
 
         # Encoder; the input gets an extra constant-one channel.
         self.enc = torch.nn.ModuleDict()
@@ -161,7 +196,7 @@ class UNet(torch.nn.Module):
             res = img_resolution >> level
             if level == 0:
                 cin, cout = cout, channels
-                self.enc[f"{res}x{res}_conv"] = MPConv(cin, cout, kernel=[3, 3])
+                self.enc[f"{res}x{res}_conv"] = conv(cin, cout, [3, 3])
             else:
                 self.enc[f"{res}x{res}_down"] = block(cout, cout, flavor="enc", resample_mode="down")
             for idx in range(num_blocks):
@@ -183,14 +218,18 @@ class UNet(torch.nn.Module):
                 cin, cout = cout + skips.pop(), channels
                 self.dec[f"{res}x{res}_block{idx}"] = block(cin, cout, flavor="dec",
                                                             attention=res in attn_resolutions)
-        self.out_conv = MPConv(cout, img_channels, kernel=[3, 3])
+        self.out_conv = conv(cout, img_channels, [3, 3])
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        mp = self.switches.mp_fixed
+        silu = mp_silu if mp else torch.nn.functional.silu
         emb = self.emb_noise(self.emb_fourier(noise_labels))
+        if self.emb_hidden is not None:
+            emb = self.emb_hidden(silu(emb))
         if self.emb_label is not None:
-            label = class_labels * np.sqrt(class_labels.shape[1])
-            emb = mp_sum(emb, self.emb_label(label), t=self.label_balance)
-        emb = mp_silu(emb)
+            label = self.emb_label(class_labels * np.sqrt(class_labels.shape[1]))
+            emb = mp_sum(emb, label, t=self.label_balance) if mp else emb + label
+        emb = silu(emb)
 
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips = []
@@ -200,9 +239,11 @@ class UNet(torch.nn.Module):
 
         for name, module in self.dec.items():
             if "block" in name:
-                x = mp_cat(x, skips.pop(), t=self.concat_balance)
+                x = mp_cat(x, skips.pop(), t=self.concat_balance) if mp else torch.cat([x, skips.pop()], dim=1)
             x = module(x, emb)
-        return self.out_conv(x, gain=self.out_gain)
+        if mp:
+            return self.out_conv(x, gain=self.out_gain)
+        return self.out_conv(x if self.switches.streamlined else silu(group_rms_norm(x)))
 
 
 class Precond(torch.nn.Module):

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from edm2.layers import MPConv, MPFourier
 from edm2.networks.dhariwal import DhariwalUNet
 from edm2.networks.edm2 import LOW_PRECISION_DTYPES, PRECISIONS
 from edm2.networks.songunet import SongUNet
@@ -229,12 +230,31 @@ class EDMPrecond(_Preconditioning):
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
                  sigma_min: float = 0, sigma_max: float = float("inf"), sigma_data: float = 0.5,
-                 model_type: str = "DhariwalUNet", **model_kwargs: Any) -> None:
+                 model_type: str = "DhariwalUNet", logvar_channels: int | None = None, **model_kwargs: Any) -> None:
+        """`logvar_channels` (not an official argument): add EDM2's uncertainty head u(sigma), so that the network
+        trains with EDM2's loss (configuration B of EDM2's ablation ladder); None: no head, the official network."""
+        own = dict(sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=sigma_data)
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs,
-                         dict(sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=sigma_data))
+                         own if logvar_channels is None else {**own, "logvar_channels": logvar_channels})
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
         self.sigma_data = sigma_data
+        self.logvar_fourier = MPFourier(logvar_channels) if logvar_channels else None
+        self.logvar_linear = MPConv(logvar_channels, 1, kernel=[]) if logvar_channels else None
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, class_labels: torch.Tensor | None = None,
+                force_fp32: bool = False, augment_labels: torch.Tensor | None = None,
+                return_logvar: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """As `_Preconditioning.forward`; with `return_logvar` also the uncertainty u(sigma) [N or 1, 1, 1, 1] of a
+        network built with `logvar_channels`."""
+        D_x = super().forward(x, sigma, class_labels, force_fp32, augment_labels)
+        if not return_logvar:
+            return D_x
+        if self.logvar_linear is None:
+            raise ValueError("this EDMPrecond has no uncertainty head; build it with logvar_channels=128 to train "
+                             "it with EDM2's loss")
+        c_noise = torch.as_tensor(sigma, device=x.device).to(torch.float32).flatten().log() / 4
+        return D_x, self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
 
     def coefficients(self, sigma: torch.Tensor) -> tuple:
         sd = self.sigma_data

@@ -57,6 +57,7 @@ class NetworkConfig:
     res_balance: float = 0.3
     attn_balance: float = 0.3
     clip_act: float | None = 256
+    config: str = "G"  # the ablation ladder's configuration (C-G, networks/ladder.py); G: the official network
     use_fp16: bool = True
     sigma_data: float = 0.5
     logvar_channels: int = 128
@@ -70,8 +71,12 @@ class NetworkConfig:
         return getattr(self, name)  # read like the stored JSON (run["network"]["label_dim"])
 
     def to_dict(self) -> dict:
-        """Plain JSON-able dict (tuples become lists)."""
-        return _plain(dataclasses.asdict(self))
+        """Plain JSON-able dict (tuples become lists); `config` only when it is not G, so that the official
+        network's arguments stay the official code's."""
+        d = _plain(dataclasses.asdict(self))
+        if d["config"] == "G":
+            del d["config"]
+        return d
 
     def replace(self, **changes) -> NetworkConfig:
         """A copy with some arguments changed."""

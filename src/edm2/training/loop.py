@@ -44,6 +44,7 @@ from edm2.runtime import (
     world_info,
 )
 from edm2.training.budget import plan_budget
+from edm2.training.dynamics import DynamicsProbe
 from edm2.training.option_table import Option
 from edm2.training.options import RunConfig, TrainOptions, check_memory, resolve_run
 from edm2.training.recipes import budget_clock, describe
@@ -179,9 +180,13 @@ def _steps(t: Trainer, log: RunLog, outdir: Path, cur_nimg: int, max_steps: int 
     """Step from `cur_nimg` until the duration or a stop; returns (status, images seen, steps taken)."""
     run, rank = t.run, world_info()[0]
     steps, status = 0, "finished"
+    probe = DynamicsProbe(t.net, activations=not run.compile) if rank == 0 else None  # Figure 3's magnitudes
     with StopRequest() as stop, fast_paths_for(run.precision, run.compile), t.data.steps(cur_nimg) as batches:
         while cur_nimg < run.duration:
-            loss, lr = train_step(t, cur_nimg, next(batches))
+            end = cur_nimg + run.batch
+            measure = probe is not None and (_crossed(end, run.status, run.batch) or end >= run.duration)
+            with probe.measuring(t.optimizer) if measure else contextlib.nullcontext():
+                loss, lr = train_step(t, cur_nimg, next(batches))
             cur_nimg += run.batch
             steps += 1
             done = cur_nimg >= run.duration
@@ -197,7 +202,7 @@ def _steps(t: Trainer, log: RunLog, outdir: Path, cur_nimg: int, max_steps: int 
                 raise _diverged(outdir, cur_nimg, log)
             if t.ema is not None and (t.ema.update(cur_nimg) or (done and t.ema.save_snapshots())):
                 log.say(f"snapshot at {cur_nimg} images")  # at every multiple of run.snapshot, and at the end
-            log.step(cur_nimg, loss, lr, report=report)
+            log.step(cur_nimg, loss, lr, report=report, extra={"dynamics": probe.collect()} if measure else None)
             if rank == 0 and save:
                 ema_state = None if t.ema is None else t.ema.state_dict()
                 save_training_state(outdir, cur_nimg, run.to_dict(), t.net, t.optimizer, ema_state, t.scaler,

@@ -14,6 +14,7 @@ from edm2.ema.power import MAX_SIGMA_REL
 from edm2.networks import PRECISIONS
 from edm2.presets import EDM_ARCHS, EDM_PRECONDS, SNAPSHOT_DTYPES, Preset
 from edm2.training import recipes
+from edm2.training.ladder import CONFIGS
 
 __all__ = ["Option", "option_fields", "TrainOptions", "SCHEDULE_RULES", "RANGES", "check_value", "check_options"]
 
@@ -64,6 +65,8 @@ class TrainOptions:
     preset: str | Preset | None = _option(None, "Network and recipe (see `edm2 info`), or 'auto': chosen for the data "
                                                 "and the hardware.  [default: cpu-digits8 for the digits, auto for "
                                                 "other data]")
+    config: str | None = _option(None, "EDM2 Table 1 ablation configuration of the preset (A: EDM's baseline ... G: "
+                                       "EDM2; docs/ablation.md).  [default: G, the preset itself]", CONFIGS)
     transfer: str | None = _option(None, "Fine-tune: start from this network's weights (a snapshot, an official .pkl, "
                                          "a URL, or a published model such as edm2-img512-xs-fid). Its network is "
                                          "trained (with --preset or network options: they must build the same).")

@@ -15,6 +15,7 @@ from edm2.files.snapshot import snapshot_filename
 from edm2.networks.spec import EDMNetworkConfig, NetworkConfig, NetworkSpec
 from edm2.presets import PRESETS, SNAPSHOT_DTYPES, EDMRecipe, Preset, edm_train_preset, get_preset, network_at
 from edm2.training import recipes
+from edm2.training.ladder import config_preset
 from edm2.training.option_table import Option, TrainOptions, check_options, check_value, option_fields
 from edm2.training.transfer import transfer_network
 
@@ -55,12 +56,14 @@ class RunConfig:
     encoder: Encoder | None = None  # how data maps to the network's space; None: StandardRGBEncoder (pixels)
     workers: int = 0  # DataLoader worker processes per training process
     transfer: str | None = None  # --transfer: the network the run started from (fine-tuning)
+    config: str = "G"  # --config: the EDM2 Table 1 configuration (training.ladder); G: the preset as published
 
     # Fields that may change between a run and its resumption: the options marked `mutable`, the number of processes
     # (the data stream, the noise and the optimizer state do not depend on it) and the provenance.
     MUTABLE = (*(f.name for f in option_fields() if f.metadata["option"].mutable), "processes", "provenance")
     # Fields that runs of earlier releases did not record: such a run resumes with the values it implied.
-    ADDED = {"loss_scaling": 1.0, "dynamic_loss_scaling": False, "snapshot_dtype": "float32", "transfer": None}
+    ADDED = {"loss_scaling": 1.0, "dynamic_loss_scaling": False, "snapshot_dtype": "float32", "transfer": None,
+             "config": "G"}
 
     @property
     def network_class(self) -> str | None:
@@ -145,6 +148,8 @@ def resolve_run(opts: TrainOptions, dataset, world: int | None = None, plan: rec
     device = runtime.resolve_device(opts.device)
     raw_encoder = encoder_from_dict(dataset.encoder)
     preset, preset_setting = _preset(opts, dataset, raw_encoder.network_channels(dataset.channels), device)
+    if opts.config is not None:
+        preset = config_preset(preset, opts.config)
     encoder = resolve_encoder(opts, dataset, preset)
     if opts.cond and not dataset.has_labels:
         raise ValueError(f"--cond needs labels but dataset {dataset.name} has none; add dataset.json labels "
@@ -175,7 +180,7 @@ def resolve_run(opts: TrainOptions, dataset, world: int | None = None, plan: rec
         dynamic_loss_scaling=bool(opts.dynamic_ls), snapshot_dtype=value["snapshot_dtype"],
         provenance={k: s.to_dict() for k, s in provenance.items()}, budget=None if plan is None else plan.to_dict(),
         edm=edm, encoder=encoder if preset.latents else None, workers=_workers(opts, dataset),
-        transfer=opts.transfer,
+        transfer=opts.transfer, config=opts.config or "G",
     )
     _check(run, provenance)
     return run
@@ -230,7 +235,8 @@ def _schedule(opts: TrainOptions, preset: Preset, rule: recipes.Setting, duratio
             "snapshot": opts.snapshot, "checkpoint": opts.checkpoint}
     schedule = recipes.resolve_schedule(values, tr.duration, duration, batch, user, (previous or {}).get("provenance"),
                                         follow=rule.value == "follow")
-    if preset.edm is not None:  # the official EDM recipe: fixed warm-up, no decay, its own EMA
+    # The official EDM recipe: fixed warm-up, no decay, its own EMA (the ladder's A follows the run as B to G do).
+    if preset.edm is not None and opts.config != "A":
         for name in ("decay", "rampup", "ema_stds"):
             schedule[name] = recipes.Setting(values[name], "preset") if user[name] is None else schedule[name]
     return {"schedule": rule, **schedule}

@@ -113,8 +113,8 @@ def resolve_schedule(preset_values: Mapping[str, object], preset_duration: int, 
                      follow: bool = True) -> dict[str, Setting]:
     """Each schedule knob (`decay`, `rampup`, `ema_stds`, `status`, `snapshot`, `checkpoint`): the user's value
     when given; else, when a run is resumed, the value it derived; else, when the schedule may `follow` the run,
-    derived from `duration` when that is not the preset's own (set by the user or planned from a budget); else the
-    preset's value."""
+    derived from `duration` when that is not the preset's own (set by the user or planned from a budget), but for a
+    preset without decay (0), which keeps none; else the preset's value."""
     scaled = follow and duration.source != "preset" and duration.value != preset_duration
     caps = {k: int(preset_values[k]) for k in ("status", "checkpoint") if k in preset_values}
     derived = derive_schedule(int(duration.value), batch, caps) if scaled else {}
@@ -127,7 +127,7 @@ def resolve_schedule(preset_values: Mapping[str, object], preset_duration: int, 
             value = old["value"]
             out[name] = Setting(tuple(value) if isinstance(value, list) else value, "resumed",
                                 "kept from the run being resumed")
-        elif name in derived:
+        elif name in derived and not (name == "decay" and preset_value == 0):  # no decay stays none
             out[name] = derived[name]
         else:
             out[name] = Setting(preset_value, "preset")

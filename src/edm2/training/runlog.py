@@ -69,9 +69,10 @@ class RunLog:
             self.log.write(time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n")
             self.log.flush()
 
-    def step(self, nimg: int, loss: torch.Tensor, lr: float, report: bool) -> None:
+    def step(self, nimg: int, loss: torch.Tensor, lr: float, report: bool, extra: dict | None = None) -> None:
         """Count a finished step (`loss`: this process's share of the batch's mean loss); with `report`,
-        write the window's mean loss, learning rate and speed to stats.jsonl, log.txt and the bar."""
+        write the window's mean loss, learning rate and speed (and the entries of `extra`) to stats.jsonl, log.txt
+        and the bar."""
         self.window_loss += loss
         self.window_steps += 1
         self.bar.update(nimg - self.last_nimg)
@@ -82,7 +83,7 @@ class RunLog:
             torch.distributed.all_reduce(self.window_loss)
         sec_per_kimg = (time.time() - self.window_start) / max(nimg - self.window_nimg, 1) * 1000
         entry = {"nimg": nimg, "kimg": nimg / 1000, "loss": float(self.window_loss) / self.window_steps, "lr": lr,
-                 "sec_per_kimg": sec_per_kimg, "time": time.time()}
+                 "sec_per_kimg": sec_per_kimg, "time": time.time(), **(extra or {})}
         if self.stats is not None:
             self.stats.write(json.dumps(entry) + "\n")
             self.stats.flush()
