@@ -51,7 +51,7 @@ OLD_NETWORKS = {
                      num_blocks=2, attn_resolutions=(8,), use_fp16=False),
 }
 FIELDS = {"lr": float, "batch": int, "P_mean": float, "P_std": float, "decay": float, "rampup": int,
-          "dropout": float, "preset": str, "channels": int, "config": str}
+          "dropout": float, "preset": str, "channels": int, "config": str, "seed": int}
 # Network changes a recipe may ask for on top of the preset `--preset auto` chooses: attention resolutions
 # ('attn=8', 'attn=16+8', 'attn=none').
 NETWORK_FIELDS = ("attn",)
