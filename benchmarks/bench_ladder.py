@@ -25,11 +25,10 @@ from pathlib import Path
 
 import torch
 from _shared import log, machine_info
-from bench_recipes import judge_for
+from bench_recipes import judge_for, judge_sweep
 
 from edm2.data import open_dataset
-from edm2.ema.sweep import ema_sweep
-from edm2.metrics.judge import Judge, JudgeQuality
+from edm2.metrics.judge import Judge
 from edm2.presets import get_preset
 from edm2.training import TrainOptions, train
 from edm2.training.dynamics import DynamicsProbe, growth, plot_dynamics, read_dynamics
@@ -53,9 +52,7 @@ def run_config(name: str, data: Path, judge: Judge, config: str, duration: int, 
     run = result["run"]
     log(f"[{tag}] {result['nimg']} images in {result['seconds']:.0f} s; judging the EMA grid ...")
     start = time.process_time()
-    sweep = ema_sweep(outdir, work / "sweeps" / tag, GRID, JudgeQuality(judge, samples, steps), key="fd",
-                      skip_unsupported=True, json_path="sweep.json", plot_path="sweep.png", secondary="accuracy",
-                      title=f"{tag}: quality vs EMA length", echo=log)
+    sweep = judge_sweep(outdir, work / "sweeps" / tag, tag, judge, samples, steps, GRID)
     _, series = read_dynamics(outdir)
     best = sweep.best
     return {"dataset": name, "config": config, "preset": preset, "images": result["nimg"], "lr": run["lr"],

@@ -105,6 +105,13 @@ def judge_for(name: str, work: Path, images: int) -> tuple[Path, Judge]:
     return data, judge
 
 
+def judge_sweep(run: Path, outdir: Path, tag: str, judge: Judge, samples: int, steps: int, grid: tuple[float, ...]):
+    """The EMA grid of a run (the lengths its snapshots support) judged: the `ema_sweep` result."""
+    return ema_sweep(run, outdir, grid, JudgeQuality(judge, samples, steps), key="fd", skip_unsupported=True,
+                     json_path="sweep.json", plot_path="sweep.png", secondary="accuracy",
+                     title=f"{tag}: quality vs EMA length", echo=log)
+
+
 def run_cell(name: str, data: Path, judge: Judge, budget_min: float, recipe: str, work: Path, samples: int,
              steps: int, grid: tuple[float, ...] = GRID) -> dict:
     """Train one model within the budget and judge its best post-hoc EMA."""
@@ -116,9 +123,7 @@ def run_cell(name: str, data: Path, judge: Judge, budget_min: float, recipe: str
     run = result["run"]
     log(f"[{tag}] {run['preset']}: {result['nimg']} images in {result['seconds']:.0f} s; judging the EMA grid ...")
     start = time.process_time()
-    sweep = ema_sweep(outdir, work / "sweeps" / tag, grid, JudgeQuality(judge, samples, steps), key="fd",
-                      skip_unsupported=True, json_path="sweep.json", plot_path="sweep.png", secondary="accuracy",
-                      title=f"{tag}: quality vs EMA length", echo=log)
+    sweep = judge_sweep(outdir, work / "sweeps" / tag, tag, judge, samples, steps, grid)
     best = sweep.best
     return {"dataset": name, "budget_min": budget_min, "recipe": recipe, "preset": run["preset"],
             "network": {k: run["network"][k] for k in ("model_channels", "channel_mult", "num_blocks",

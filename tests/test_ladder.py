@@ -4,7 +4,6 @@ instruments against a direct computation."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -54,7 +53,7 @@ def test_g_is_the_preset_itself_and_the_official_arguments():
 
 
 def test_c_has_no_biases_and_a_constant_input_channel():
-    c, b = _net("C"), build_network(config_preset(dataclasses.replace(get_preset("cpu-digits8")), "B").network)
+    c, b = _net("C"), build_network(config_preset(get_preset("cpu-digits8"), "B").network)
     assert not [n for n, _ in c.named_parameters() if n.endswith("bias")]
     assert [n for n, _ in b.named_parameters() if n.endswith("bias")]  # the ADM network of B has them
     assert c.unet.enc["16x16_conv"].weight.shape[1] == SMALL.img_channels + 1

@@ -81,13 +81,7 @@ def ema_sweep(
     targets = [EMATarget(s) for s in stds]
     plan = plan_reconstruction(source, targets, nimg, input_stds, max_error, allow_gaps)
     outdir = Path(outdir)
-    rows = []
-    for start in range(0, len(targets), per_pass):
-        chunk = targets[start:start + per_pass]
-        if echo is not None:
-            echo(f"reconstructing sigma_rel {', '.join(t.describe() for t in chunk)} ...")
-        for result in execute_reconstruction(plan, chunk, outdir, None):
-            rows.append(_score(result, metric, key, echo))
+    rows = [row for _, _, row in _reconstruct_and_score(plan, targets, outdir, per_pass, metric, key, echo)]
     finite = [r for r in rows if math.isfinite(r[key])]
     if not finite:
         raise ValueError(f"metric {key!r} is not finite for any EMA length")
@@ -121,16 +115,28 @@ def _supported(source, stds: list[float], nimg, input_stds, max_error: float, al
     return stds, skipped
 
 
-def _score(result, metric: Callable[[Path], Mapping[str, float]], key: str, echo) -> dict:
+def _reconstruct_and_score(plan, targets: Sequence[EMATarget], outdir: Path, per_pass: int,
+                           metric: Callable[[Path], Mapping[str, float]], key: str, echo):
+    """Reconstruct `targets` (streaming the snapshots once per `per_pass` of them) and score each as it is written:
+    yields (target, its reconstruction, its row of the sweep table)."""
+    for start in range(0, len(targets), per_pass):
+        chunk = targets[start:start + per_pass]
+        if echo is not None:
+            echo(f"reconstructing sigma_rel {', '.join(t.describe() for t in chunk)} ...")
+        for target, result in zip(chunk, execute_reconstruction(plan, chunk, outdir, None)):
+            row = _score(result, metric, key)
+            if echo is not None:
+                echo(f"  sigma_rel {target.describe()}: {key} {row[key]:.4g}")
+            yield target, result, row
+
+
+def _score(result, metric: Callable[[Path], Mapping[str, float]], key: str) -> dict:
     """One row of the sweep table: the reconstructed length and its metric values."""
     values = dict(metric(result.path))
     if key not in values:
         raise ValueError(f"metric returned {sorted(values)} without the key {key!r} to optimize")
-    row = {"sigma_rel": result.sigma_rel, "profile_error": result.profile_error, "path": str(result.path),
-           **{k: float(v) for k, v in values.items()}}
-    if echo is not None:
-        echo(f"  sigma_rel {row['sigma_rel']:.3f}: {key} {row[key]:.4g}")
-    return row
+    return {"sigma_rel": result.sigma_rel, "profile_error": result.profile_error, "path": str(result.path),
+            **{k: float(v) for k, v in values.items()}}
 
 
 def plot_sweep(rows: Sequence[Mapping], path: str | Path, key: str, title: str, secondary: str | None = None,
@@ -219,15 +225,10 @@ def per_tensor_sweep(
     plan = plan_reconstruction(source, targets, nimg, input_stds, max_error, allow_gaps)
     outdir = Path(outdir)
     scored = []
-    for start in range(0, len(targets), per_pass):
-        chunk = targets[start:start + per_pass]
-        for target, result in zip(chunk, execute_reconstruction(plan, chunk, outdir, None)):
-            row = _score(result, metric, key, None)
-            scored.append((target, row))
-            if echo is not None:
-                echo(f"  {target.describe()}: {key} {row[key]:.4g}")
-            if target.per_tensor:
-                result.path.unlink(missing_ok=True)
+    for target, result, row in _reconstruct_and_score(plan, targets, outdir, per_pass, metric, key, echo):
+        scored.append((target, row))
+        if target.per_tensor:
+            result.path.unlink(missing_ok=True)
     base = scored[0][1]
     curves = {p: [row | {"sigma_rel": t.per_tensor[0][1]} for t, row in scored[1:] if t.per_tensor[0][0] == p]
               for p in tensors}

@@ -66,7 +66,7 @@ class Block(torch.nn.Module):
         self.attn_balance = attn_balance
         self.clip_act = clip_act
         self.switches = s = switches_of(config)
-        conv = lambda cin, cout, kernel: MPConv(cin, cout, kernel, s.weight_norm, s.forced_weight_norm)  # noqa: E731
+        conv = s.conv
         self.emb_gain = torch.nn.Parameter(torch.zeros([])) if s.mp_fixed else None
         res0_in = out_channels if flavor == "enc" and s.streamlined else in_channels  # F+: channels change first
         self.conv_res0 = conv(res0_in, out_channels, [3, 3])
@@ -175,8 +175,8 @@ class UNet(torch.nn.Module):
         self.concat_balance = concat_balance
         self.config = config
         self.switches = s = switches_of(config)  # the ablation ladder: networks/ladder.py
+        conv = s.conv
         self.out_gain = torch.nn.Parameter(torch.zeros([])) if s.mp_fixed else None
-        conv = lambda cin, cout, kernel: MPConv(cin, cout, kernel, s.weight_norm, s.forced_weight_norm)  # noqa: E731
 
         def block(cin: int, cout: int, **kwargs) -> Block:
             return Block(cin, cout, cemb, resample_filter=resample_filter, channels_per_head=channels_per_head,

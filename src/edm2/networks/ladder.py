@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from edm2.layers import MPConv
+
 __all__ = ["LadderSwitches", "CONFIG_SWITCHES", "NETWORK_CONFIGS", "switches_of", "group_rms_norm"]
 
 
@@ -30,6 +32,10 @@ class LadderSwitches:
     forced_weight_norm: bool  # E+: training overwrites each weight by its normalized self
     streamlined: bool  # F+: no group norms, resampling on the main path, one embedding layer, linear output
     mp_fixed: bool  # G: magnitude-preserving fixed-function layers and the learned gains
+
+    def conv(self, in_channels: int, out_channels: int, kernel: list[int]) -> MPConv:
+        """A learned layer of this configuration (a linear layer when `kernel` is empty)."""
+        return MPConv(in_channels, out_channels, kernel, self.weight_norm, self.forced_weight_norm)
 
 
 CONFIG_SWITCHES: dict[str, LadderSwitches] = {

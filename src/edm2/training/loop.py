@@ -183,18 +183,18 @@ def _steps(t: Trainer, log: RunLog, outdir: Path, cur_nimg: int, max_steps: int 
     probe = DynamicsProbe(t.net, activations=not run.compile) if rank == 0 else None  # Figure 3's magnitudes
     with StopRequest() as stop, fast_paths_for(run.precision, run.compile), t.data.steps(cur_nimg) as batches:
         while cur_nimg < run.duration:
-            end = cur_nimg + run.batch
-            measure = probe is not None and (_crossed(end, run.status, run.batch) or end >= run.duration)
+            # Whether the step reports is known before it is taken, so that the instruments can measure it.
+            done = cur_nimg + run.batch >= run.duration
+            report = _crossed(cur_nimg + run.batch, run.status, run.batch) or done
+            measure = probe is not None and report
             with probe.measuring(t.optimizer) if measure else contextlib.nullcontext():
                 loss, lr = train_step(t, cur_nimg, next(batches))
             cur_nimg += run.batch
             steps += 1
-            done = cur_nimg >= run.duration
             stop_code = STOP_SIGNAL if stop.requested else STOP_NONE
             if max_steps is not None and steps >= max_steps:
                 stop_code = max(stop_code, STOP_PAUSE)
             stop_code = agree_on_stop(stop_code, t.device)
-            report = _crossed(cur_nimg, run.status, run.batch) or done
             save = _crossed(cur_nimg, run.checkpoint, run.batch) or done or bool(stop_code)
             # Every process looks (a collective) before anything that could hold a non-finite value is written.
             if (report or save or _crossed(cur_nimg, run.snapshot, run.batch)) and not all_finite(
